@@ -1,0 +1,135 @@
+"""Model hyper-parameters as plain dataclasses, saved next to the weights as config.json.
+
+Defaults are the small-but-faithful target of DESIGN.md s.3: a Qwen3-VL shaped decoder (GQA,
+q/k RMSNorm, interleaved M-RoPE), a ViT with a 2x2 patch merge, and a narrower action expert
+that shares the decoder's layer count and KV shape so it can read the decoder's KV cache.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .rope import scaled_mrope_section
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int = 256
+    num_layers: int = 6
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 64
+    intermediate_size: int = 768
+    rope_theta: float = 5e6
+    mrope_section: list[int] | None = None  # None -> 24:20:20 scaled to head_dim // 2 pairs
+    rms_norm_eps: float = 1e-6
+    max_positions: int = 1024  # default KV-cache capacity
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mrope_section is None:
+            self.mrope_section = scaled_mrope_section(self.head_dim)
+        self.mrope_section = list(self.mrope_section)
+        assert self.num_heads % self.num_kv_heads == 0, "GQA needs num_heads % num_kv_heads == 0"
+
+    @classmethod
+    def from_hf_text_config(cls, cfg: Any) -> "DecoderConfig":
+        """From a transformers Qwen3VLTextConfig (object or dict), e.g. `config.text_config`.
+
+        transformers 5.x keeps theta and mrope_section in `rope_parameters`; 4.x used
+        `rope_theta` and `rope_scaling`. Both are read; transformers' own fallback for a missing
+        mrope_section is [24, 20, 20], so we use the same.
+        """
+        get = cfg.get if isinstance(cfg, dict) else lambda k, d=None: getattr(cfg, k, d)
+        if get("hidden_act", "silu") != "silu":
+            raise ValueError(f"only SiLU MLPs are supported, got {get('hidden_act')}")
+        rope = dict(get("rope_parameters") or get("rope_scaling") or {})
+        theta = rope.get("rope_theta", get("rope_theta", 5e6))
+        heads = get("num_attention_heads")
+        return cls(
+            vocab_size=get("vocab_size"),
+            hidden_size=get("hidden_size"),
+            num_layers=get("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=get("num_key_value_heads") or heads,
+            head_dim=get("head_dim") or get("hidden_size") // heads,
+            intermediate_size=get("intermediate_size"),
+            rope_theta=float(theta),
+            mrope_section=list(rope.get("mrope_section", [24, 20, 20])),
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            max_positions=min(int(get("max_position_embeddings", 4096)), 4096),
+            tie_word_embeddings=bool(get("tie_word_embeddings", False)),
+        )
+
+
+@dataclass
+class VisionConfig:
+    image_height: int = 48
+    image_width: int = 96
+    patch_size: int = 8
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    merge_size: int = 2
+    out_hidden_size: int | None = None  # None -> the decoder's hidden size (set by TargetConfig)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(rows, cols) of merged tokens per image: the image block's M-RoPE grid."""
+        step = self.patch_size * self.merge_size
+        assert self.image_height % step == 0 and self.image_width % step == 0
+        return self.image_height // step, self.image_width // step
+
+    @property
+    def tokens_per_image(self) -> int:
+        rows, cols = self.grid
+        return rows * cols
+
+
+@dataclass
+class ExpertConfig:
+    """Layer count, KV heads and head_dim come from the decoder (the expert reads its cache)."""
+
+    hidden_size: int = 128
+    num_heads: int = 4
+    intermediate_size: int = 384
+    horizon: int = 64  # waypoints at 10 Hz
+    action_dim: int = 2  # (acceleration, curvature)
+    euler_steps: int = 10
+
+
+@dataclass
+class TargetConfig:
+    decoder: DecoderConfig
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    image_pad_id: int = -1  # id of <|image_pad|>; set from the tokenizer
+
+    def __post_init__(self) -> None:
+        if self.vision.out_hidden_size is None:
+            self.vision.out_hidden_size = self.decoder.hidden_size
+        assert self.vision.out_hidden_size == self.decoder.hidden_size
+        assert self.expert.num_heads % self.decoder.num_kv_heads == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TargetConfig":
+        return cls(
+            decoder=DecoderConfig(**d["decoder"]),
+            vision=VisionConfig(**d.get("vision", {})),
+            expert=ExpertConfig(**d.get("expert", {})),
+            image_pad_id=d.get("image_pad_id", -1),
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TargetConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,118 @@
+"""TargetVLA: vision encoder + Qwen3-VL text decoder + flow-matching trajectory expert.
+
+The API follows the stages a planner runs (DESIGN.md s.2 timing table): encode images, prefill
+the prompt with 3-D M-RoPE positions, decode (one token, or k+1 tokens in a speculative verify
+pass) with text positions cache.length + rope_delta, then sample the trajectory from the cache.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import TargetConfig
+from .decoder import Decoder
+from .expert import Trajectory, TrajectoryExpert, integrate_unicycle
+from .kv_cache import KVCache
+from .rope import text_position_ids
+from .vision import VisionEncoder
+
+
+class TargetVLA(nn.Module):
+    def __init__(self, cfg: TargetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.decoder = Decoder(cfg.decoder)
+        self.expert = TrajectoryExpert(cfg.expert, cfg.decoder)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    def new_cache(self, batch_size: int = 1, max_len: int | None = None) -> KVCache:
+        p = next(self.parameters())
+        return KVCache.for_config(self.cfg.decoder, batch_size, max_len, p.dtype, p.device)
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        """[N, H, W, 3] uint8 or [N, 3, H, W] float in [0, 1] -> [N, tokens_per_image, D]."""
+        return self.vision(images)
+
+    def build_inputs_embeds(self, input_ids: Tensor, image_embeds: Tensor | None,
+                            image_pad_id: int | None = None) -> Tensor:
+        """Token embeddings with every <|image_pad|> replaced, in order, by the next image token.
+
+        input_ids [B, T]; image_embeds [N, tokens_per_image, D] or [M, D], images of sample 0
+        first. The pad count must equal the number of image tokens.
+        """
+        pad = self.cfg.image_pad_id if image_pad_id is None else image_pad_id
+        embeds = self.decoder.embed(input_ids)
+        mask = input_ids == pad
+        n = int(mask.sum())
+        if image_embeds is None:
+            assert n == 0, "prompt has image pads but no image embeddings were given"
+            return embeds
+        image_embeds = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
+        if n != image_embeds.shape[0]:
+            raise ValueError(f"{n} image pad tokens but {image_embeds.shape[0]} image embeddings")
+        return embeds.masked_scatter(mask[..., None], image_embeds)
+
+    def prefill(self, input_ids: Tensor, image_embeds: Tensor | None, position_ids: Tensor,
+                cache: KVCache, return_hidden_layers: Sequence[int] = (),
+                num_logits: int | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Run the prompt into the cache. position_ids [3, T] (shared by the batch) or [3, B, T],
+        from `rope.mrope_position_ids`. Returns logits and requested hidden states."""
+        if position_ids.dim() == 2:
+            position_ids = position_ids[:, None].expand(-1, input_ids.shape[0], -1)
+        embeds = self.build_inputs_embeds(input_ids, image_embeds)
+        return self.decoder(embeds, position_ids, cache, return_hidden_layers, num_logits)
+
+    def decode(self, token_ids: Tensor, cache: KVCache, rope_delta: int | Tensor,
+               return_hidden_layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Text tokens [B, T] after the prompt; T > 1 is a verify pass over k drafted tokens + 1.
+
+        Token j sits at text position (p, p, p), p = cache.length + j + rope_delta.
+        """
+        B, T = token_ids.shape
+        pos = text_position_ids(cache.length, T, rope_delta, token_ids.device)
+        return self.decoder(self.decoder.embed(token_ids), pos.expand(B, T), cache,
+                            return_hidden_layers)
+
+    @torch.no_grad()
+    def trajectory(self, cache: KVCache, rope_delta: int | Tensor, v0: Tensor | float,
+                   steps: int | None = None, generator: torch.Generator | None = None,
+                   dt: float = 0.1) -> Trajectory:
+        """Sample (accel, curvature) from the expert given the cache (prompt + CoC), denormalise,
+        and integrate from current speed v0 [B] or scalar."""
+        actions = self.expert.normalizer.denormalize(
+            self.expert.sample(cache, rope_delta, steps, generator))
+        accel, curvature = actions[..., 0], actions[..., 1]
+        x, y, yaw, speed = integrate_unicycle(accel, curvature, v0, dt)
+        return Trajectory(accel, curvature, x, y, yaw, speed)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.cfg.save(directory / "config.json")
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.cfg.decoder.tie_word_embeddings:  # safetensors refuses shared storage
+            state.pop("decoder.lm_head.weight")
+        save_file(state, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path,
+                        device: torch.device | str = "cpu") -> "TargetVLA":
+        directory = Path(directory)
+        model = cls(TargetConfig.load(directory / "config.json"))
+        state = load_file(str(directory / "model.safetensors"), device=str(device))
+        if model.cfg.decoder.tie_word_embeddings:
+            state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
+        model.load_state_dict(state)
+        return model.to(device)

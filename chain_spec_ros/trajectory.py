@@ -1,0 +1,88 @@
+"""Ego-motion encodings shared by the simulator, the dataset and the ROS node.
+
+History: 16 poses at 10 Hz (t0-1.5 s .. t0) in the t0 vehicle frame (x forward, y left,
+z up), turned into per-step deltas and quantised into uniform bins: 48 history tokens.
+Future: 64 steps at 10 Hz as (acceleration, curvature) pairs, integrated by a unicycle.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+HISTORY_STEPS = 16
+FUTURE_STEPS = 64
+STEP_SECONDS = 0.1
+NUM_BINS = 1000
+DELTA_RANGE = 4.0  # metres: bins cover [-4, 4) per axis
+ACCEL_RANGE = 8.0  # m/s^2, for the discrete future tokens of the language stage
+CURVATURE_RANGE = 0.2  # 1/m
+
+
+def to_local_frame(xy: np.ndarray, origin: tuple[float, float, float]) -> np.ndarray:
+    """World (x, y) points into the frame of the pose `origin` = (x, y, yaw)."""
+    ox, oy, yaw = origin
+    c, s = np.cos(yaw), np.sin(yaw)
+    d = np.asarray(xy, dtype=float) - [ox, oy]
+    return np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], axis=-1)
+
+
+def history_deltas(poses_xyz: np.ndarray) -> np.ndarray:
+    """17 local poses (t0-1.6 s .. t0) -> 16 per-step deltas [16, 3]."""
+    if poses_xyz.shape != (HISTORY_STEPS + 1, 3):
+        raise ValueError(f"expected {HISTORY_STEPS + 1} poses of (x, y, z), got {poses_xyz.shape}")
+    return np.diff(poses_xyz, axis=0)
+
+
+def quantise(values: np.ndarray, value_range: float) -> np.ndarray:
+    """Uniform bins over [-range, range); values outside are clamped to the end bins."""
+    scaled = (np.asarray(values, dtype=float) + value_range) / (2 * value_range) * NUM_BINS
+    return np.clip(np.floor(scaled), 0, NUM_BINS - 1).astype(np.int64)
+
+
+def dequantise(bins: np.ndarray, value_range: float) -> np.ndarray:
+    """Bin centres."""
+    return (np.asarray(bins, dtype=float) + 0.5) / NUM_BINS * 2 * value_range - value_range
+
+
+def history_bins(poses_xyz: np.ndarray) -> np.ndarray:
+    """The 48 history bin indices, ordered (dx, dy, dz) per step, oldest first."""
+    return quantise(history_deltas(poses_xyz), DELTA_RANGE).reshape(-1)
+
+
+def future_bins(accel_curvature: np.ndarray, stride: int = 4) -> np.ndarray:
+    """Discrete future for the language stage: (accel, curvature) every `stride` steps."""
+    subsampled = accel_curvature[stride - 1 :: stride]
+    return np.stack([quantise(subsampled[:, 0], ACCEL_RANGE), quantise(subsampled[:, 1], CURVATURE_RANGE)],
+                    axis=1).reshape(-1)
+
+
+def accel_curvature(speed: np.ndarray, yaw: np.ndarray, dt: float = STEP_SECONDS) -> np.ndarray:
+    """Per-step (acceleration, curvature) from states sampled at dt, states[0] being t0.
+
+    The pairs are the controls that, integrated by `integrate_unicycle` from speed[0],
+    reproduce the sampled speeds exactly and the headings to first order.
+    """
+    accel = np.diff(speed) / dt
+    mean_speed = 0.5 * (speed[1:] + speed[:-1])
+    yaw_step = np.angle(np.exp(1j * np.diff(yaw)))
+    curvature = np.where(mean_speed > 0.3, yaw_step / np.maximum(mean_speed * dt, 1e-6), 0.0)
+    return np.stack([accel, curvature], axis=1)
+
+
+def integrate_unicycle(accel_curvature_pairs: np.ndarray, speed0: float, dt: float = STEP_SECONDS) -> np.ndarray:
+    """(acceleration, curvature) pairs -> [T, 4] of (x, y, yaw, speed) in the t0 frame.
+
+    Mid-point rule on speed, so a constant-curvature input traces a true circle.
+    """
+    x = y = yaw = 0.0
+    speed = float(speed0)
+    out = np.empty((len(accel_curvature_pairs), 4))
+    for i, (accel, curvature) in enumerate(np.asarray(accel_curvature_pairs, dtype=float)):
+        new_speed = max(speed + accel * dt, 0.0)
+        distance = 0.5 * (speed + new_speed) * dt
+        mid_yaw = yaw + 0.5 * curvature * distance
+        x += distance * np.cos(mid_yaw)
+        y += distance * np.sin(mid_yaw)
+        yaw += curvature * distance
+        speed = new_speed
+        out[i] = (x, y, yaw, speed)
+    return out
