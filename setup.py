@@ -27,6 +27,8 @@ setup(
         "console_scripts": [
             "chain-spec-data = chain_spec_ros.data.cli:main",
             "chain-spec-train-target = chain_spec_ros.training.target:main",
+            "chain-spec-train-draft = chain_spec_ros.training.draft:main",
+            "chain-spec-train-aarl = chain_spec_ros.training.aarl:main",
             "chain-spec-eval = chain_spec_ros.evaluate:main",
             "chain-spec-demo = chain_spec_ros.demo:main",
         ],

@@ -14,13 +14,15 @@ import torch
 from tqdm import tqdm
 
 from .data.dataset import load_split
-from .models.target import TargetVLA
+from .drafters import EagleDrafter, NgramDrafter
+from .engines.factory import build_engines, load_target_model
 from .models.tokenizer import ChainTokenizer
 from .paths import default_models_dir
 from .planner import Planner
 from .prompt import PromptBuilder
 from .scenarios.coc import decision_from_coc
 from .trajectory import STEP_SECONDS
+from .training.greedy import cached_greedy_cocs
 
 HORIZONS_S = (1.0, 2.0, 3.0, 6.4)
 
@@ -42,16 +44,31 @@ def constant_velocity(speed: float, steps: int = 64) -> np.ndarray:
     return np.stack([x, np.zeros_like(x)], axis=1)
 
 
-def load_planner(models: Path, expert_steps: int | None = None) -> Planner:
-    target_dir = models / "target"
-    if not (target_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no target model in {target_dir} (expected config.json + model.safetensors)")
-    target = TargetVLA.from_pretrained(target_dir)
+def load_planner(models: Path, backend: str = "torch", drafter: str = "none", draft_dir: str | None = None,
+                 data: str | None = None, k: int = 7, expert_steps: int | None = None) -> Planner:
+    """A planner on the models directory: target-only (`drafter="none"`), or speculative with the
+    EAGLE draft (`eagle`, from draft_dir or MODELS/draft) or the n-gram baseline (`ngram`)."""
+    models = Path(models)
     tokenizer = ChainTokenizer.load(models / "tokenizer.json")
-    if tokenizer.vocab_size != target.cfg.decoder.vocab_size:
+    eagle_dir = (Path(draft_dir) if draft_dir else models / "draft") if drafter == "eagle" else None
+    target, draft_engine = build_engines(models, backend, eagle_dir)
+    if tokenizer.vocab_size != target.config.decoder.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the target expects "
-                         f"{target.cfg.decoder.vocab_size}: model and tokenizer do not belong together")
-    return Planner(target, PromptBuilder(tokenizer, *target.cfg.vision.grid), expert_steps)
+                         f"{target.config.decoder.vocab_size}: model and tokenizer do not belong together")
+    builder = PromptBuilder(tokenizer, *target.config.vision.grid)
+    if drafter == "none":
+        chosen = None
+    elif drafter == "eagle":
+        chosen = EagleDrafter(draft_engine)
+    elif drafter == "ngram":
+        if data is None:
+            raise ValueError("the n-gram drafter needs a dataset to count the target's CoCs on")
+        table = load_split(data, "train", limit=2000)
+        corpus = cached_greedy_cocs(Path("runs/greedy_cache"), "train", load_target_model(models), builder, table)
+        chosen = NgramDrafter([c + [builder.cot_end_id] for c in corpus], tokenizer.vocab_size)
+    else:
+        raise ValueError(f"unknown drafter {drafter!r}")
+    return Planner(target, builder, drafter=chosen, k=k, expert_steps=expert_steps)
 
 
 def evaluate_target(planner: Planner, table, limit: int | None = None) -> dict:
@@ -98,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        planner = load_planner(Path(args.models), args.expert_steps)
+        planner = load_planner(Path(args.models), expert_steps=args.expert_steps)
         table = load_split(args.data, args.split, limit=args.limit)
     except (FileNotFoundError, ValueError) as error:
         print(f"chain-spec-eval: error: {error}", file=sys.stderr)

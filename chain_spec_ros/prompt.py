@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .models.rope import flat_position_ids, mrope_position_ids
+from .models.rope import mrope_position_ids
 from .models.tokenizer import ChainTokenizer
 from .trajectory import future_bins
 
@@ -30,13 +30,22 @@ class Prompt:
     history_span: tuple[int, int]  # [start, end) of the 48 history tokens
     image_spans: list[tuple[int, int]]  # [start, end) of each image's pad tokens
 
-    @property
-    def flat_positions(self) -> torch.Tensor:
-        """FlatRoPE: 0..L-1 over the same tokens (the draft's positions)."""
-        return flat_position_ids(len(self.input_ids))
-
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def positions(self, start: int, length: int, mode: str) -> torch.Tensor:
+        """Positions [3, length] of sequence indices start..start+length-1, which may run past
+        the prompt into the CoC: `flat` is the index itself on all three axes (FlatRoPE);
+        `mrope` is the target's 3-D position (text after the prompt: index + rope_delta)."""
+        index = torch.arange(start, start + length)
+        if mode == "flat":
+            return index.expand(3, length)
+        if mode != "mrope":
+            raise ValueError(f"unknown position mode {mode!r}")
+        inside = index < len(self.input_ids)
+        out = (index + self.rope_delta).expand(3, length).clone()
+        out[:, inside] = self.mrope_positions[:, index[inside]]
+        return out
 
 
 class PromptBuilder:

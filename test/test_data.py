@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from chain_spec_ros.data import cli
 from chain_spec_ros.data.dataset import ARRAYS, TEXT_FIELDS, load_split, split_of
@@ -63,7 +64,11 @@ def test_prompt_layout(tokenizer):
     assert (ids[start:end] - tokenizer.bin_offset == scene.history_tokens).all()
     assert ids[-1] == tokenizer.id("<|cot_start|>")
     assert prompt.mrope_positions.shape == (3, len(ids))
-    assert prompt.flat_positions.tolist() == list(range(len(ids)))
+    flat = prompt.positions(0, len(ids) + 5, "flat")
+    assert (flat == torch.arange(len(ids) + 5)).all()
+    mrope = prompt.positions(len(ids) - 3, 6, "mrope")
+    assert (mrope[:, :3] == prompt.mrope_positions[:, -3:]).all()
+    assert mrope[:, 3:].tolist() == [[len(ids) + prompt.rope_delta + j for j in range(3)]] * 3
     # Under M-RoPE each 3x6 image block spans only max(3, 6) = 6 positions, 12 fewer than its tokens.
     assert int(prompt.mrope_positions.max()) + 1 == len(ids) + prompt.rope_delta
     assert prompt.rope_delta == -8 * (18 - 6)

@@ -14,7 +14,6 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (  # noqa: E402
 from chain_spec_ros.models.rope import (  # noqa: E402
     RotaryEmbedding,
     apply_rotary,
-    flat_position_ids,
     mrope_position_ids,
     scaled_mrope_section,
     text_position_ids,
@@ -88,7 +87,6 @@ def test_mrope_hand_example():
     ])
     assert torch.equal(pos, expected)
     assert delta == 7 - 10
-    assert torch.equal(flat_position_ids(4, start=3), torch.tensor([3, 4, 5, 6]))
 
 
 def test_scaled_mrope_section():

@@ -50,13 +50,19 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_hook: KVHook | None,
-                mask: Tensor | None) -> Tensor:
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated q [B, heads, T, hd] and k, v [B, kv_heads, T, hd] (also used by attention analysis)."""
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
+        return q, k, v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_hook: KVHook | None,
+                mask: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.project(x, cos, sin)
         if kv_hook is not None:  # cache the rotated keys, so cached keys never need re-rotation
             k, v = kv_hook(k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)

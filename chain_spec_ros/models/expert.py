@@ -120,14 +120,19 @@ class TrajectoryExpert(nn.Module):
 
     @torch.no_grad()
     def sample(self, cache: KVCache, rope_delta: int | Tensor, steps: int | None = None,
-               generator: torch.Generator | None = None, batch_size: int | None = None) -> Tensor:
-        """Euler-integrate the flow from noise (t=0) to data (t=1) -> normalised [B, H, dim]."""
+               generator: torch.Generator | None = None, batch_size: int | None = None,
+               noise: Tensor | None = None) -> Tensor:
+        """Euler-integrate the flow from noise (t=0) to data (t=1) -> normalised [B, H, dim].
+
+        `noise` [B, H, dim] fixes the starting point (e.g. the same noise for every row, so rows
+        differ only through what they read from the cache)."""
         steps = steps or self.cfg.euler_steps
         B = batch_size or cache.batch_size
         dev = self.action_in.weight.device
-        x = torch.randn(B, self.cfg.horizon, self.cfg.action_dim, generator=generator, device=dev)
+        x = noise.to(dev) if noise is not None else torch.randn(
+            B, self.cfg.horizon, self.cfg.action_dim, generator=generator, device=dev)
         for i in range(steps):
-            t = torch.full((B,), i / steps, device=dev)
+            t = torch.full((x.shape[0],), i / steps, device=dev)
             x = x + self(x, t, cache, rope_delta) / steps
         return x
 

@@ -61,11 +61,6 @@ def text_position_ids(cache_length: int, num_tokens: int, rope_delta: int | Tens
     return (cache_length + torch.arange(num_tokens, device=device))[None] + delta
 
 
-def flat_position_ids(length: int, start: int = 0) -> Tensor:
-    """FlatRoPE positions start..start+length-1 (the draft's view of the same sequence)."""
-    return torch.arange(start, start + length)
-
-
 def scaled_mrope_section(head_dim: int) -> list[int]:
     """Qwen3-VL's 24:20:20 split of frequency pairs (t, h, w) scaled to head_dim // 2 pairs.
 

@@ -88,11 +88,11 @@ class TargetVLA(nn.Module):
     @torch.no_grad()
     def trajectory(self, cache: KVCache, rope_delta: int | Tensor, v0: Tensor | float,
                    steps: int | None = None, generator: torch.Generator | None = None,
-                   dt: float = 0.1) -> Trajectory:
+                   dt: float = 0.1, noise: Tensor | None = None) -> Trajectory:
         """Sample (accel, curvature) from the expert given the cache (prompt + CoC), denormalise,
         and integrate from current speed v0 [B] or scalar."""
         actions = self.expert.normalizer.denormalize(
-            self.expert.sample(cache, rope_delta, steps, generator))
+            self.expert.sample(cache, rope_delta, steps, generator, noise=noise))
         accel, curvature = actions[..., 0], actions[..., 1]
         x, y, yaw, speed = integrate_unicycle(accel, curvature, v0, dt)
         return Trajectory(accel, curvature, x, y, yaw, speed)

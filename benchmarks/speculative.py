@@ -1,0 +1,134 @@
+"""Speculative vs target-only CoC decoding on the same scenes, same backend, in one run.
+
+    .venv/bin/python benchmarks/speculative.py --data DATA --split test --json OUT [--drafter eagle|ngram]
+
+For every scene the planner runs twice, target-only and speculative, alternating which goes
+first. It reports tau (tokens decided per target pass), the drafted share of CoC tokens,
+how many speculative CoCs are identical to target-only greedy decoding (a divergence counts
+as a `near_tie` only when the target's top-2 logit gap at the first differing token is below
+1e-4), the speedup of the CoC decoding stage (summed target-only time / summed speculative
+time), the cost ratio c (one draft step / one target decode step), and per-stage times.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chain_spec_ros.data.dataset import load_split  # noqa: E402
+from chain_spec_ros.evaluate import load_planner  # noqa: E402
+from chain_spec_ros.paths import default_models_dir  # noqa: E402
+from chain_spec_ros.planner import Planner  # noqa: E402
+
+NEAR_TIE = 1e-4
+
+
+def top2_gap_at_divergence(planner: Planner, scene: dict, reference: list[int], other: list[int]) -> float:
+    """The target's top-2 logit gap (one token at a time) at the first index where the two CoCs differ."""
+    first = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), min(len(reference), len(other)))
+    prompt = planner.builder.build(scene["images"], scene["history_tokens"])
+    target = planner.target
+    target.start(len(prompt) + len(reference) + 2)
+    logits, _ = target.prefill(prompt.input_ids, target.encode_images(prompt.images), prompt.mrope_positions)
+    for token in reference[:first]:  # one token at a time, as target-only decoding does
+        logits, _ = target.decode([token], prompt.rope_delta)
+        logits = logits[-1]
+    top = torch.topk(logits, 2).values
+    return float(top[0] - top[1])
+
+
+def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None, warmup: int = 3) -> dict:
+    n = min(len(table), limit or len(table))
+    for i in range(min(warmup, n)):  # first calls pay allocator and kernel-selection costs
+        scene = table.scene(i)
+        planner_target.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))
+        planner_spec.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))
+    totals = {"target": {}, "speculative": {}}
+    identical = near_tie = produced = passes = drafted = tokens = target_tokens = 0
+    draft_ms = verify_ms = 0.0
+    acceptance = None
+    divergent = []
+    for i in tqdm(range(n), desc="scenes"):
+        scene = table.scene(i)
+        order = [("target", planner_target), ("speculative", planner_spec)]
+        if i % 2:
+            order.reverse()
+        results = {}
+        for name, planner in order:
+            results[name] = planner.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))
+            for stage, ms in results[name].timings_ms.items():
+                totals[name][stage] = totals[name].get(stage, 0.0) + ms
+        base, spec = results["target"], results["speculative"]
+        target_tokens += len(base.coc_ids)
+        if base.coc_ids == spec.coc_ids:
+            identical += 1
+        else:
+            gap = top2_gap_at_divergence(planner_target, scene, base.coc_ids, spec.coc_ids)
+            near_tie += gap < NEAR_TIE
+            divergent.append({"seed": int(scene["seed"]), "top2_gap": gap, "target": base.coc, "speculative": spec.coc})
+        stats = spec.stats
+        passes += stats["target_passes"]
+        produced += round(stats["tau"] * stats["target_passes"])
+        drafted += spec.token_sources.count("draft")
+        tokens += len(spec.token_sources)
+        draft_ms += stats["draft_ms"]
+        verify_ms += stats["verify_ms"]
+        rates = np.array(stats["acceptance_by_position"]) * stats["target_passes"]
+        acceptance = rates if acceptance is None else acceptance + rates
+    mean = {name: {stage: ms / n for stage, ms in stages.items()} for name, stages in totals.items()}
+    target_step_ms = totals["target"]["decode"] / max(target_tokens, 1)
+    draft_step_ms = draft_ms / max(passes * planner_spec.k, 1)
+    return {
+        "scenes": n,
+        "k": planner_spec.k,
+        "tau": produced / max(passes, 1),
+        "drafted_share": drafted / max(tokens, 1),
+        "identical": identical,
+        "total": n,
+        "near_tie": near_tie,
+        "speedup": totals["target"]["decode"] / totals["speculative"]["decode"],
+        "cost_ratio": draft_step_ms / target_step_ms,
+        "acceptance_by_position": (acceptance / max(passes, 1)).tolist(),
+        "draft_ms_per_scene": draft_ms / n,
+        "verify_ms_per_scene": verify_ms / n,
+        "stages_ms": mean,
+        "divergent": divergent[:20],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--models", default=str(default_models_dir()))
+    parser.add_argument("--drafter", choices=("eagle", "ngram"), default="eagle")
+    parser.add_argument("--draft-dir", help="EAGLE draft directory (default MODELS/draft)")
+    parser.add_argument("--k", type=int, default=7)
+    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--limit", type=int)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    speculative = load_planner(Path(args.models), args.backend, args.drafter, args.draft_dir, args.data, args.k)
+    target_only = Planner(speculative.target, speculative.builder)  # same engine, same backend
+    table = load_split(args.data, args.split, limit=args.limit)
+    report = {"drafter": args.drafter, "draft_dir": args.draft_dir, **run(target_only, speculative, table, args.limit)}
+    text = json.dumps(report, indent=1)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("divergent", "stages_ms")}, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

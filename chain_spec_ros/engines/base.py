@@ -1,0 +1,88 @@
+"""One engine interface for the target and one for the draft, whatever the backend.
+
+The planner and the draft-verify loop only talk to these. An engine owns its KV cache,
+preallocated per layer at a fixed maximum length; `crop` rolls back by resetting the valid
+length and never copies. Tensors crossing the interface are torch tensors on the CPU (a
+backend converts at its edge, zero-copy where it can).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from ..models.config import TargetConfig
+from ..models.draft import DraftConfig
+
+
+@dataclass
+class TrajectoryOut:
+    xy: np.ndarray  # [64, 2] in the t0 frame
+    controls: np.ndarray  # [64, 2] (acceleration, curvature)
+
+
+class TargetEngine(ABC):
+    """The deliberative reasoner: vision encoder, prefill, decode / verify, trajectory expert."""
+
+    backend: str
+    config: TargetConfig
+    feature_layers: list[int]  # hidden layers returned with every prefill/decode (for the draft)
+
+    @abstractmethod
+    def start(self, max_len: int) -> None:
+        """Begin a request: empty cache (valid length 0) with room for max_len tokens."""
+
+    @abstractmethod
+    def encode_images(self, images: np.ndarray) -> Tensor:
+        """uint8 [N, H, W, 3] -> image embeddings [N, tokens_per_image, D]."""
+
+    @abstractmethod
+    def prefill(self, input_ids: np.ndarray, image_embeds: Tensor, positions: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Prompt ids [P] with 3-D positions [3, P] into the cache -> (last logits [V], features [1, P, D] each)."""
+
+    @abstractmethod
+    def decode(self, tokens: list[int], rope_delta: int) -> tuple[Tensor, list[Tensor]]:
+        """T text tokens after the cache (T = 1 to decode, k + 1 to verify) -> (logits [T, V], features [1, T, D] each)."""
+
+    @abstractmethod
+    def crop(self, length: int) -> None:
+        """Roll the cache back to `length` valid entries."""
+
+    @property
+    @abstractmethod
+    def length(self) -> int:
+        """Valid cache length."""
+
+    @abstractmethod
+    def trajectory(self, rope_delta: int, speed: float, steps: int | None, seed: int) -> TrajectoryOut:
+        """Sample the expert over the cache (prompt + CoC + `<|cot_end|><|traj_future_start|>`)."""
+
+
+class DraftEngine(ABC):
+    """The routine reasoner's network: feature fusion, one decoder layer with a cache, LM head."""
+
+    backend: str
+    config: DraftConfig
+
+    @abstractmethod
+    def start(self, max_len: int) -> None:
+        """Begin a request with an empty draft cache."""
+
+    @abstractmethod
+    def fuse(self, features: list[Tensor]) -> Tensor:
+        """Target features of the low/mid/high layers [1, T, D] each -> fused [1, T, D]."""
+
+    @abstractmethod
+    def step(self, tokens: list[int], features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """Append T inputs (token, feature) at positions [3, T] -> (hidden [1, T, D], last logits [V])."""
+
+    @abstractmethod
+    def crop(self, length: int) -> None:
+        """Roll the draft cache back to `length` valid entries."""
+
+    @property
+    @abstractmethod
+    def length(self) -> int:
+        """Valid draft cache length."""

@@ -1,0 +1,82 @@
+"""The draft's training-time-test rollout computes exactly what chained drafting computes."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from chain_spec_ros.drafters import EagleDrafter
+from chain_spec_ros.engines.torch_engine import TorchDraftEngine
+from chain_spec_ros.models.config import DecoderConfig, ExpertConfig, TargetConfig, VisionConfig
+from chain_spec_ros.models.draft import DraftConfig, EagleDraft
+from chain_spec_ros.models.target import TargetVLA
+from chain_spec_ros.models.tokenizer import ChainTokenizer
+from chain_spec_ros.paths import default_tokenizer_path
+from chain_spec_ros.prompt import PromptBuilder
+from chain_spec_ros.training.draft import target_features, ttt_loss, ttt_rollout
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(1)
+    tok = ChainTokenizer.load(default_tokenizer_path())
+    cfg = TargetConfig(
+        decoder=DecoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                              head_dim=16, intermediate_size=128, max_positions=400),
+        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
+        image_pad_id=tok.id("<|image_pad|>"))
+    target = TargetVLA(cfg).eval()
+    return target, PromptBuilder(tok, *cfg.vision.grid)
+
+
+@pytest.mark.parametrize("mode", ["flat", "mrope"])
+def test_rollout_matches_chained_drafting(pair, mode):
+    target, builder = pair
+    draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, mode), target.decoder.embed_tokens,
+                       target.decoder.lm_head).eval()
+    rng = np.random.default_rng(0)
+    prompt = builder.build(rng.integers(0, 255, (2, 4, 48, 96, 3), dtype=np.uint8), rng.integers(0, 1000, 48))
+    coc = rng.integers(0, 600, 12).tolist()
+    ids = torch.tensor([prompt.input_ids.tolist() + coc])
+    images = torch.from_numpy(prompt.images)
+    with torch.no_grad():
+        features = target_features(target, prompt, ids, images, draft.cfg.feature_layers)
+        rollout = ttt_rollout(draft, prompt, ids, features, steps=4)
+        P = len(prompt)
+        for base in (P - 1, P + 3):  # chains starting at the first CoC token and inside the CoC
+            drafter = EagleDrafter(TorchDraftEngine(draft, device="cpu"))
+            drafter.start(400)
+            drafter.begin(prompt, [f[:, :base + 1] for f in features], int(ids[0, base + 1]))
+            drafter.pending_tokens = ids[0, 1 : base + 2].tolist()  # the sequence up to the pending token
+            # Feed the true continuation as drafts: position base+s gets token base+1+s.
+            hidden, _ = drafter._step(drafter.pending_tokens, drafter.pending_features, 0)
+            hidden = hidden[:, -1:]
+            assert torch.allclose(hidden[0, 0], rollout[0][0, base - (P - 1)], atol=1e-5)
+            for s in range(1, 4):
+                hidden, _ = drafter._step([int(ids[0, base + 1 + s])], hidden, base + s)
+                assert torch.allclose(hidden[0, 0], rollout[s][0, base - (P - 1)], atol=1e-5), (base, s)
+
+
+def test_ttt_loss_trains_the_draft(pair):
+    target, builder = pair
+    target = copy.deepcopy(target)
+    with torch.no_grad():  # a trained LM head has large logits; a random one needs a push
+        target.decoder.lm_head.weight *= 25
+    draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, "flat"), target.decoder.embed_tokens,
+                       target.decoder.lm_head)
+    rng = np.random.default_rng(2)
+    prompt = builder.build(rng.integers(0, 255, (2, 4, 48, 96, 3), dtype=np.uint8), rng.integers(0, 1000, 48))
+    coc = [5, 9, 14, 5, 9, 14, 5, 9, 14, 5, 9, 14, builder.cot_end_id]  # a learnable pattern
+    ids = torch.tensor([prompt.input_ids.tolist() + coc])
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    features = target_features(target, prompt, ids, torch.from_numpy(prompt.images), draft.cfg.feature_layers)
+    optimiser = torch.optim.AdamW(draft.parameters(), lr=1e-2)
+    first = None
+    for _ in range(150):
+        loss, accuracies = ttt_loss(draft, prompt, ids, valid, features, steps=3)
+        first = first if first is not None else float(loss)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    assert float(loss) < 0.3 * first and min(accuracies) > 0.9

@@ -1,0 +1,109 @@
+"""Parameter file loading and validation (no ROS)."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from chain_spec_ros import node_config
+from chain_spec_ros.node_config import (FIELDS, ConfigError, NodeConfig, default_config_path, load_config,
+                                        read_parameter_file, render_yaml, validate)
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = REPO / "config" / "chain_spec.yaml"
+
+
+def _write(tmp_path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_file_lists_every_parameter_with_its_default():
+    raw = read_parameter_file(SHIPPED)
+    assert set(raw) == set(FIELDS), "config/chain_spec.yaml must list every parameter"
+    assert load_config(SHIPPED) == NodeConfig()
+    assert default_config_path() == SHIPPED
+
+
+def test_rendered_yaml_round_trips(tmp_path):
+    config = validate({"plan_rate_hz": 5, "cameras": ["a"], "camera_topics": ["/a"], "use_sim_time": True})
+    path = _write(tmp_path, render_yaml(config))
+    assert load_config(path) == config
+    assert config.plan_rate_hz == 5.0 and isinstance(config.plan_rate_hz, float)
+
+
+def test_partial_file_takes_defaults_and_wildcard_entries(tmp_path):
+    path = _write(tmp_path, "/**:\n  ros__parameters:\n    plan_rate_hz: 4.0\n    seed: 3\n"
+                            "/vehicle/chain_spec_node:\n  ros__parameters:\n    seed: 5\n")
+    config = load_config(path)
+    assert config.plan_rate_hz == 4.0 and config.seed == 5 and config.backend == "torch"
+
+
+def test_overrides_win(tmp_path):
+    path = _write(tmp_path, "chain_spec_node:\n  ros__parameters:\n    backend: torch\n")
+    assert load_config(path, overrides={"backend": "onnxruntime"}).backend == "onnxruntime"
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"plan_rate": 2.0}, "plan_rate: unknown parameter (did you mean plan_rate_hz?)"),
+    ({"plan_rate_hz": "fast"}, "plan_rate_hz: expected a number, got 'fast'"),
+    ({"plan_rate_hz": 0.0}, "plan_rate_hz: 0.0 is out of range, must be > 0.0"),
+    ({"plan_rate_hz": float("nan")}, "must be finite"),
+    ({"torch_threads": 1.5}, "torch_threads: expected an integer"),
+    ({"torch_threads": True}, "torch_threads: expected an integer"),
+    ({"use_sim_time": "yes"}, "use_sim_time: expected true or false"),
+    ({"use_sim_time": 1}, "use_sim_time: expected true or false"),
+    ({"backend": "tpu"}, "backend: 'tpu' is not one of torch, onnxruntime, tensorrt"),
+    ({"image_transport": "theora"}, "image_transport: 'theora' is not one of compressed, raw"),
+    ({"cameras": []}, "cameras: expected a non-empty list"),
+    ({"cameras": "front_wide"}, "cameras: expected a non-empty list"),
+    ({"cameras": ["a", "b", "c"]}, "camera_topics: 2 topic(s) for 3 camera(s)"),
+    ({"cameras": ["a", "a"]}, "cameras: names must be unique"),
+    ({"frame_tolerance_s": 0.2}, "frame_tolerance_s: 0.2 is out of range, must be <= 0.1"),
+    ({"max_camera_skew_s": -1}, "max_camera_skew_s: -1.0 is out of range, must be >= 0.0"),
+    ({"buffer_seconds": 1.7, "max_odom_staleness_s": 0.5}, "buffer_seconds: 1.7 s cannot hold"),
+    ({"odom_topic": 5}, "odom_topic: expected a string"),
+])
+def test_validation_errors(params, message):
+    with pytest.raises(ConfigError) as error:
+        validate(params)
+    assert message in str(error.value)
+
+
+def test_all_errors_are_reported_together():
+    with pytest.raises(ConfigError) as error:
+        validate({"plan_rate_hz": -1.0, "backend": "x", "bogus": 1}, source="my.yaml")
+    text = str(error.value)
+    assert text.startswith("invalid my.yaml:")
+    assert "plan_rate_hz" in text and "backend" in text and "bogus: unknown parameter" in text
+
+
+def test_builtin_ros_parameters_are_accepted():
+    config = validate({"use_sim_time": True, "start_type_description_service": True,
+                       "qos_overrides./odom.subscription.depth": 5})
+    assert config.use_sim_time
+
+
+@pytest.mark.parametrize("text, message", [
+    ("chain_spec_node: [1, 2", "not valid YAML"),
+    ("- a\n- b\n", "expected a mapping of node names"),
+    ("other_node:\n  ros__parameters:\n    seed: 1\n", "no entry for node 'chain_spec_node'"),
+    ("chain_spec_node:\n  seed: 1\n", "must contain a 'ros__parameters' mapping"),
+    ("chain_spec_node:\n  ros__parameters:\n    nested:\n      value: 1\n", "nested.value: unknown parameter"),
+])
+def test_file_errors(tmp_path, text, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(_write(tmp_path, text))
+    assert message in str(error.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="parameter file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_parameter_is_documented():
+    for name, f in FIELDS.items():
+        assert f.metadata["help"], name
+    document = yaml.safe_load(render_yaml())
+    assert set(document[node_config.NODE_NAME]["ros__parameters"]) == set(FIELDS)

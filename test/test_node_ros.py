@@ -1,0 +1,320 @@
+"""chain_spec_node in real ROS 2: the node runs in its own process on an isolated ROS_DOMAIN_ID
+(discovery on this host only); bags are played by chain-spec-replay or by this test process.
+
+- start-up: missing models, a mismatched tokenizer, bad parameters -> clear error, exit 2;
+- end to end: a simulated drive replayed on /clock -> a CoC and a trajectory for >= 90 % of
+  the planning ticks after warm-up, stamped with t0 in base_link, and /diagnostics;
+- bad input: wrong encoding, corrupt JPEG, wrong size, NaN and out-of-order odometry, a
+  missing camera and a clock jump are reported on /diagnostics while the node keeps planning;
+- real odometry (comma2k19) with generated camera frames keeps the node planning.
+"""
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy", reason="the ROS 2 wheels (rclpy) are not installed")
+
+from chain_spec_ros.data.bag import CLOCK_TOPIC, ODOM_TOPIC, camera_topic, write_drive_bag  # noqa: E402
+from chain_spec_ros.replay import report as report_tool  # noqa: E402
+from chain_spec_ros.replay.fixtures import NodeProcess, ros_env, write_tiny_models  # noqa: E402
+
+NS = 1_000_000_000
+CAMERAS = ("front_wide", "front_tele")
+PLAN_RATE_HZ = 2.0
+WARM_UP_S = 2.0  # 1.6 s of odometry history + the 0.3 s frame window + margin
+COMMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "comma2k19"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def _domain() -> int:
+    """A DDS domain of our own for one test (0..101 keeps clear of ephemeral ports)."""
+    return random.Random(os.getpid() * 7919 + time.monotonic_ns()).randint(1, 101)
+
+
+def _node_args(models, *extra):
+    return ["--ros-args", "-p", f"models_dir:={models}", "-p", "use_sim_time:=true", "-p", "torch_threads:=1",
+            "-p", f"plan_rate_hz:={PLAN_RATE_HZ}", *extra]
+
+
+def _replay(bag, out, env, *extra, timeout=120):
+    command = [sys.executable, "-m", "chain_spec_ros.replay.replay", str(bag), "--record", str(out),
+               "--wait-timeout", "60", *extra]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _diag_values(diagnostics) -> list[dict[str, str]]:
+    return [{kv.key: kv.value for status in d.status for kv in status.values} for d in diagnostics]
+
+
+# --- Start-up errors ----------------------------------------------------------------------------------
+
+def test_startup_errors_are_clear_and_exit_non_zero(tmp_path, models):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    mismatched = write_tiny_models(tmp_path / "mismatched", vocab_size=3000)
+    cases = {
+        "missing_dir": (["--ros-args", "-p", f"models_dir:={tmp_path / 'nope'}"], "models directory not found"),
+        "no_target": (["--ros-args", "-p", f"models_dir:={empty}"], "not found"),
+        "mismatched": (["--ros-args", "-p", f"models_dir:={mismatched}"],
+                       "model and tokenizer do not belong together"),
+        "bad_parameters": (["--ros-args", "-p", f"models_dir:={models}", "-p", "plan_rate_hz:=-1.0",
+                            "-p", "bogus:=1"], "plan_rate_hz: -1.0 is out of range"),
+        "bad_config": (["--config", str(tmp_path / "missing.yaml")], "parameter file not found"),
+    }
+    env = ros_env(_domain())
+    processes = {name: NodeProcess(args, env, tmp_path / f"{name}.log") for name, (args, _) in cases.items()}
+    try:
+        for name, (_, expected) in cases.items():
+            code = processes[name].wait(60)
+            text = processes[name].output()
+            assert code == 2, f"{name}: exit {code}\n{text}"
+            assert "chain_spec_node: error:" in text and expected in text, f"{name}:\n{text}"
+            assert "Traceback" not in text, f"{name}: a clear message, not a traceback:\n{text}"
+        assert "bogus: unknown parameter" in processes["bad_parameters"].output()
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
+# --- End to end ----------------------------------------------------------------------------------------
+
+def test_end_to_end_replay(tmp_path, models):
+    bag, out = tmp_path / "drive", tmp_path / "outputs"
+    write_drive_bag(bag, 12.0, seed=11, progress=False)
+    env = ros_env(_domain())
+    with NodeProcess(_node_args(models), env, tmp_path / "node.log") as node:
+        result = _replay(bag, out, env)
+        assert result.returncode == 0, result.stdout + result.stderr + node.output()
+        assert node.alive(), node.output()
+    assert node.process.returncode == 0, node.output()  # a clean SIGINT shutdown
+
+    report, outputs, drive = report_tool.build_report(out)
+    plans = outputs["plans"]
+    odometry = drive["odometry"]
+    start, end = odometry[0, 0], odometry[-1, 0]
+    camera_stamps = {report_tool._stamp(m.header.stamp) for _, m in drive["cameras"][camera_topic("front_wide")]}
+    # Every published t0 is a camera stamp; outputs are in base_link with t0 stamps.
+    for t0, plan in plans.items():
+        assert t0 in camera_stamps
+        assert plan["frame_id"] == "base_link"
+        assert plan["trajectory"].shape == (64, 2) and np.isfinite(plan["trajectory"]).all()
+        assert isinstance(plan.get("coc"), str) and plan["info"]["t0_ns"] == t0
+    # >= 90 % of the planning ticks after warm-up produced a CoC and a trajectory.
+    window = [t for t in plans if start + WARM_UP_S <= t / NS <= end - 0.5]
+    expected = (end - 0.5 - start - WARM_UP_S) * PLAN_RATE_HZ
+    assert len(window) >= 0.9 * expected, (len(window), expected)
+    assert report["plans_with_trajectory"] == report["plans_with_coc"] == len(plans)
+    assert report["frames_base_link"] == len(plans)
+
+    from chain_spec_ros.data.bag import read_drive_bag
+
+    raw = read_drive_bag(out)
+    cocs = [m.data for _, m in raw["/chain_spec_node/coc"]]
+    assert cocs == [plan["coc"] for plan in plans.values()]
+    for _, path in raw["/chain_spec_node/trajectory"]:
+        t0 = report_tool._stamp(path.header.stamp)
+        assert [report_tool._stamp(p.header.stamp) for p in path.poses[:2]] == [t0 + NS // 10, t0 + 2 * NS // 10]
+        assert all(p.header.frame_id == "base_link" for p in path.poses)
+    for _, markers in raw["/chain_spec_node/markers"]:
+        kinds = sorted(m.type for m in markers.markers)
+        assert kinds == [4, 9]  # LINE_STRIP, TEXT_VIEW_FACING
+        assert all(m.frame_locked and m.header.frame_id == "base_link" for m in markers.markers)
+
+    diagnostics = _diag_values(outputs["diagnostics"])
+    assert diagnostics, "no /diagnostics message"
+    last = diagnostics[-1]
+    for key in ("latency_decode_p50_ms", "latency_decode_p95_ms", "latency_decode_p99_ms", "latency_vision_p99_ms",
+                "node_overhead_share_pct", "tau", "drafted_share", "dropped_ticks", "skipped_ticks",
+                "input_staleness_s", "backend"):
+        assert key in last, key
+    assert last["backend"] == "torch" and last["errors"] == "0"
+    assert math.isfinite(float(last["node_overhead_share_pct"]))
+
+    # The report: JSON and picture.
+    json_path, png_path = tmp_path / "report.json", tmp_path / "report.png"
+    assert report_tool.main([str(out), "--json", str(json_path), "--png", str(png_path)]) == 0
+    saved = json.loads(json_path.read_text())
+    assert saved["plans"] == len(plans) and saved["trajectory"]["evaluated"] > 0
+    assert {"p50", "p95", "p99"} <= set(saved["latency_ms"]["decode"])
+    assert 0 < saved["node_overhead"]["share_pct_total"] < 100
+    assert cv2.imread(str(png_path)) is not None
+
+
+# --- Bad input -----------------------------------------------------------------------------------------
+
+class FakeSensors:
+    """Publishes /clock, odometry and camera frames on simulated time, with faults on demand."""
+
+    def __init__(self, node):
+        from nav_msgs.msg import Odometry
+        from rosgraph_msgs.msg import Clock
+        from sensor_msgs.msg import CompressedImage
+
+        self.types = {"clock": Clock, "odom": Odometry, "image": CompressedImage}
+        self.clock = node.create_publisher(Clock, CLOCK_TOPIC, 10)
+        self.odom = node.create_publisher(Odometry, ODOM_TOPIC, 50)
+        self.cameras = {name: node.create_publisher(CompressedImage, camera_topic(name), 10) for name in CAMERAS}
+        frame = np.zeros((48, 96, 3), np.uint8)
+        frame[24:] = (90, 90, 90)
+        self.jpeg = cv2.imencode(".jpg", frame)[1].tobytes()
+        self.small_jpeg = cv2.imencode(".jpg", cv2.resize(frame, (64, 32)))[1].tobytes()
+
+    def publishers(self):
+        return [self.odom, *self.cameras.values()]
+
+    @staticmethod
+    def _stamp(message_stamp, ns):
+        message_stamp.sec, message_stamp.nanosec = ns // NS, ns % NS
+
+    def publish_clock(self, ns):
+        message = self.types["clock"]()
+        self._stamp(message.clock, ns)
+        self.clock.publish(message)
+
+    def publish_odom(self, ns, x=None, speed=10.0):
+        message = self.types["odom"]()
+        self._stamp(message.header.stamp, ns)
+        message.header.frame_id = "odom"
+        message.pose.pose.position.x = speed * (ns / NS % 1000.0) if x is None else x
+        message.pose.pose.orientation.w = 1.0
+        message.twist.twist.linear.x = speed
+        self.odom.publish(message)
+
+    def publish_image(self, camera, ns, data=None, fmt="jpeg"):
+        message = self.types["image"]()
+        self._stamp(message.header.stamp, ns)
+        message.format = fmt
+        message.data = data if data is not None else self.jpeg
+        self.cameras[camera].publish(message)
+
+
+def test_bad_input_is_reported_and_never_crashes_the_node(tmp_path, models):
+    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+    from nav_msgs.msg import Path as PathMsg
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+
+    domain = _domain()
+    env = ros_env(domain)
+    node = NodeProcess(_node_args(models, "-p", "diagnostics_rate_hz:=4.0"), env, tmp_path / "node.log")
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain)
+    tester = rclpy.create_node("bad_input_tester", context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(tester)
+    diagnostics, trajectories = [], []
+    qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+    tester.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, qos)
+    tester.create_subscription(PathMsg, "/chain_spec_node/trajectory", trajectories.append, qos)
+    sensors = FakeSensors(tester)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not all(p.get_subscription_count() for p in sensors.publishers()):
+            assert node.alive(), node.output()
+            assert time.monotonic() < deadline, "the node never subscribed\n" + node.output()
+            time.sleep(0.1)
+        time.sleep(0.5)
+
+        base = 1_700_000_100 * NS
+        jump_at, jump_by = 7.0, 20.0
+        faults = {
+            300: lambda ns: sensors.publish_image("front_wide", ns + 50 * NS // 1000, fmt="h264"),
+            320: lambda ns: sensors.publish_image("front_tele", ns + 50 * NS // 1000, data=b"\xff\xd8garbage" * 20),
+            340: lambda ns: sensors.publish_odom(ns + 10 * NS // 1000, x=float("nan")),
+            360: lambda ns: sensors.publish_odom(ns - 300 * NS // 1000),
+            370: lambda ns: sensors.publish_image("front_wide", ns + 50 * NS // 1000, data=sensors.small_jpeg),
+        }
+        wall0 = time.monotonic()
+        for tick in range(1100):  # 11 s of simulated time at 100 Hz, in real time
+            t = tick / 100
+            ns = base + tick * NS // 100 - (int(jump_by * NS) if t >= jump_at else 0)
+            delay = wall0 + t - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            sensors.publish_clock(ns)
+            if tick % 2 == 0:
+                sensors.publish_odom(ns)
+            if tick % 10 == 0:
+                for camera in CAMERAS:
+                    tele_gap = 4.0 <= t < 5.5 or jump_at <= t < jump_at + 1.0  # a missing camera
+                    if camera == "front_tele" and tele_gap:
+                        continue
+                    sensors.publish_image(camera, ns)
+            if tick in faults:
+                faults[tick](ns)
+        time.sleep(1.0)
+        assert node.alive(), node.output()
+    finally:
+        executor.shutdown()
+        tester.destroy_node()
+        rclpy.try_shutdown(context=context)
+        spinner.join(2.0)
+        node.stop()
+
+    values = _diag_values(diagnostics)
+    assert values, "no /diagnostics\n" + node.output()
+
+    def most(key):
+        return max(int(v.get(key, 0)) for v in values)
+
+    assert most("wrong_encoding") >= 1 and "h264" in values[-1]["last_wrong_encoding"]
+    assert most("decode_errors") >= 1 and "front_tele" in values[-1]["last_decode_errors"]
+    assert most("nan_odometry") >= 1
+    assert most("out_of_order") >= 1
+    assert most("resized") >= 1
+    assert most("clock_jumps") >= 1
+    reasons = {v.get("last_skip_reason", "") for v in values}
+    assert any("camera skew" in r and "front_tele" in r for r in reasons), reasons
+    assert any("no frames from camera front_tele" in r for r in reasons), reasons
+    messages = {s.message for d in diagnostics for s in d.status}
+    assert any("wrong_encoding" in m for m in messages), messages
+    levels = {s.level for d in diagnostics for s in d.status}
+    assert DiagnosticStatus.WARN in levels  # while inputs are bad
+    # Plans before the faults, between them and after the clock jump.
+    t0s = [report_tool._stamp(p.header.stamp) for p in trajectories]
+    before_jump = [t for t in t0s if t >= base]
+    after_jump = [t for t in t0s if t < base]
+    assert len(before_jump) >= 6 and len(after_jump) >= 2, (len(before_jump), len(after_jump))
+    assert any(t > base + 6 * NS for t in before_jump), "planning resumed after the missing camera"
+    assert "Traceback" not in node.output()
+
+
+# --- Real odometry ------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not COMMA.is_dir(), reason=f"comma2k19 sample not found at {COMMA}")
+def test_comma2k19_replay_keeps_planning(tmp_path, models):
+    from chain_spec_ros.replay.comma import write_comma_bag
+
+    bag, out = tmp_path / "comma", tmp_path / "outputs"
+    seconds, rate = 20.0, 2.0
+    summary = write_comma_bag(COMMA, bag, seconds=seconds)
+    assert summary["counts"][ODOM_TOPIC] >= 20 * seconds
+    env = ros_env(_domain())
+    with NodeProcess(_node_args(models), env, tmp_path / "node.log") as node:
+        result = _replay(bag, out, env, "--rate", str(rate))
+        assert result.returncode == 0, result.stdout + result.stderr + node.output()
+        assert node.alive(), node.output()
+    report, outputs, drive = report_tool.build_report(out)
+    expected = (seconds - 0.5 - WARM_UP_S) * PLAN_RATE_HZ
+    assert report["plans"] >= 0.8 * expected, (report["plans"], expected, node.output()[-3000:])
+    speeds = [p["info"]["speed"] for p in outputs["plans"].values()]
+    assert 8.0 < np.mean(speeds) < 25.0  # the real car's speed reached the planner
+    assert report["trajectory"]["evaluated"] > 0 and math.isfinite(report["trajectory"]["ade_6.4s"])
+    last = _diag_values(outputs["diagnostics"])[-1]
+    assert last["errors"] == "0" and int(last["clock_jumps"]) == 0

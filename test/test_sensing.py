@@ -1,0 +1,308 @@
+"""Sensor buffers without ROS: t0 choice, frame picking, odometry interpolation, every
+rejection path and image conversion."""
+import math
+from types import SimpleNamespace
+
+import cv2
+import numpy as np
+import pytest
+
+from chain_spec_ros import sensing
+from chain_spec_ros.sensing import (NS, InputError, SensingConfig, SensorBuffers, decode_compressed, decode_raw,
+                                    fit_size, image_from_compressed, image_from_raw, interpolate_odometry,
+                                    odometry_sample)
+from chain_spec_ros.trajectory import history_bins, to_local_frame
+
+T_START = 1_700_000_000 * NS
+W, H = 16, 8
+
+
+def _frame(value: int) -> np.ndarray:
+    return np.full((H, W, 3), value % 256, np.uint8)
+
+
+def _buffers(**overrides) -> SensorBuffers:
+    return SensorBuffers(SensingConfig(cameras=("a", "b"), image_width=W, image_height=H, **overrides))
+
+
+def _pose(t: float, speed=10.0, yaw_rate=0.0, yaw0=0.5):
+    """A unicycle at constant speed and yaw rate (exact closed form)."""
+    yaw = yaw0 + yaw_rate * t
+    if abs(yaw_rate) < 1e-12:
+        return speed * t * math.cos(yaw0), speed * t * math.sin(yaw0), yaw
+    r = speed / yaw_rate
+    return r * (math.sin(yaw) - math.sin(yaw0)), -r * (math.cos(yaw) - math.cos(yaw0)), yaw
+
+
+def _fill(buffers, seconds=2.5, odom_hz=50.0, camera_hz=10.0, lag=None, odom_offset=0.0, odom_until=None,
+          **motion):
+    """Drive for `seconds`; camera b may lag behind a by `lag` frames. Returns the last a stamp."""
+    n_odom = int(seconds * odom_hz)
+    for i in range(n_odom + 1):
+        t = i / odom_hz + odom_offset
+        if odom_until is not None and t > odom_until:
+            break
+        x, y, yaw = _pose(t, **motion)
+        assert buffers.add_odometry(T_START + int(round(t * NS)), x, y, math.remainder(yaw, 2 * math.pi),
+                                    motion.get("speed", 10.0)) is None
+    n_cam = int(round(seconds * camera_hz))
+    for i in range(n_cam + 1):
+        stamp = T_START + int(round(i / camera_hz * NS))
+        buffers.add_image("a", stamp, _frame(i))
+        if lag is None or i <= n_cam - lag:
+            buffers.add_image("b", stamp, _frame(100 + i))
+    return T_START + int(round(n_cam / camera_hz * NS))
+
+
+def test_frame_and_history_for_straight_motion():
+    buffers = _buffers()
+    last = _fill(buffers)
+    frame, reason = buffers.assemble(now_ns=last + NS // 20)
+    assert reason == "" and frame is not None
+    assert frame.t0_ns == last
+    assert frame.images.shape == (2, 4, H, W, 3)
+    # Oldest frame first, at 10 Hz, ending at t0.
+    assert list(frame.images[0, :, 0, 0, 0]) == [22, 23, 24, 25]
+    assert list(frame.images[1, :, 0, 0, 0]) == [122, 123, 124, 125]
+    np.testing.assert_array_equal(frame.frame_stamps_ns[0], last - np.array([3, 2, 1, 0]) * NS // 10)
+    # 17 poses t0-1.6 .. t0, straight ahead in the t0 frame.
+    expected_x = -10.0 * 0.1 * np.arange(16, -1, -1)
+    np.testing.assert_allclose(frame.history_xyz[:, 0], expected_x, atol=1e-6)
+    np.testing.assert_allclose(frame.history_xyz[:, 1:], 0.0, atol=1e-6)
+    np.testing.assert_array_equal(frame.history_tokens, history_bins(frame.history_xyz))
+    assert frame.speed == pytest.approx(10.0)
+    assert frame.pose[2] == pytest.approx(0.5)
+    assert frame.camera_skew_s == 0.0 and frame.odom_lag_s == pytest.approx(0.0)
+    assert frame.input_age_s == pytest.approx(0.05)
+
+
+def test_t0_is_the_oldest_newest_stamp():
+    buffers = _buffers()
+    last = _fill(buffers, lag=1)  # camera b is one frame behind
+    frame, reason = buffers.assemble()
+    assert reason == ""
+    assert frame.t0_ns == last - NS // 10
+    assert frame.camera_skew_s == pytest.approx(0.1)
+    # Camera a's frames are picked at b's instants, not at its own newest.
+    assert list(frame.images[0, :, 0, 0, 0]) == [21, 22, 23, 24]
+    assert list(frame.images[1, :, 0, 0, 0]) == [121, 122, 123, 124]
+
+
+def test_history_interpolation_on_a_curve_at_odd_rates():
+    """Odometry at 33 Hz with a phase offset: interpolation must still land on the truth."""
+    buffers = _buffers()
+    motion = dict(speed=8.0, yaw_rate=0.4, yaw0=3.0)  # heading crosses +pi during the history
+    last = _fill(buffers, odom_hz=33.0, odom_offset=0.013, **motion)
+    frame, reason = buffers.assemble()
+    assert reason == ""
+    t0 = (last - T_START) / NS
+    times = t0 - 0.1 * np.arange(16, -1, -1)
+    poses = np.array([_pose(t, **motion) for t in times])
+    truth = to_local_frame(poses[:, :2], tuple(poses[-1]))
+    np.testing.assert_allclose(frame.history_xyz[:, :2], truth, atol=0.02)  # chord error at 33 Hz
+    assert math.cos(frame.pose[2] - poses[-1, 2]) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_yaw_takes_the_shortest_arc():
+    samples = np.array([[0.0, 0, 0, math.pi - 0.1, 1.0], [1.0, 0, 0, -math.pi + 0.1, 1.0]])
+    yaw = interpolate_odometry(samples, np.array([0.5]))[0, 2]
+    assert math.cos(yaw - math.pi) == pytest.approx(1.0)  # through pi, not through 0
+
+
+def test_extrapolates_slightly_stale_odometry():
+    buffers = _buffers()
+    last = _fill(buffers, odom_until=2.4)  # newest odometry 0.1 s before t0
+    frame, reason = buffers.assemble()
+    assert reason == ""
+    assert frame.odom_lag_s == pytest.approx(0.1, abs=1e-6)
+    np.testing.assert_allclose(frame.history_xyz[:, 0], -1.0 * np.arange(16, -1, -1), atol=1e-6)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("skew", "camera skew"),
+    ("stale_odometry", "odometry stale"),
+    ("short_odometry", "the history needs 1.6 s"),
+    ("missing_camera", "no frames from camera b"),
+    ("dropped_frame", "camera a: no frame within"),
+    ("old_input", "input stale"),
+    ("repeat", "no new camera frames"),
+    ("odometry_gap", "gap"),
+])
+def test_skip_reasons(case, expected):
+    buffers = _buffers()
+    now, last_t0 = None, None
+    if case == "skew":
+        _fill(buffers, lag=3)
+    elif case == "stale_odometry":
+        _fill(buffers, odom_until=2.0)
+    elif case == "short_odometry":
+        _fill(buffers, odom_offset=1.5, seconds=1.0)
+        for i in range(26):
+            buffers.add_image("a", T_START + i * NS // 10, _frame(i))
+            buffers.add_image("b", T_START + i * NS // 10, _frame(i))
+    elif case == "missing_camera":
+        for i in range(5):
+            buffers.add_image("a", T_START + i * NS // 10, _frame(i))
+    elif case == "dropped_frame":
+        last = _fill(buffers)
+        frames = buffers._images["a"]  # drop camera a's frame at t0-0.2 s
+        kept = [(s, f) for s, f in frames if s != last - 2 * NS // 10]
+        frames.clear()
+        frames.extend(kept)
+    elif case == "old_input":
+        last = _fill(buffers)
+        now = last + 2 * NS
+    elif case == "repeat":
+        last_t0 = _fill(buffers)
+    elif case == "odometry_gap":
+        _fill(buffers, odom_until=0.5)
+        for i in range(10):
+            t = 1.5 + i * 0.1
+            buffers.add_odometry(T_START + int(t * NS), 10 * t * math.cos(0.5), 10 * t * math.sin(0.5), 0.5, 10.0)
+    frame, reason = buffers.assemble(now_ns=now, last_t0_ns=last_t0)
+    assert frame is None
+    assert expected in reason, reason
+
+
+def test_nan_and_out_of_order_odometry_are_rejected_and_counted():
+    buffers = _buffers()
+    assert buffers.add_odometry(T_START, 0.0, 0.0, 0.0, 1.0) is None
+    assert "non-finite" in buffers.add_odometry(T_START + NS, float("nan"), 0.0, 0.0, 1.0)
+    assert "non-finite" in buffers.add_odometry(T_START + NS, 0.0, float("inf"), 0.0, 1.0)
+    assert buffers.add_odometry(T_START + NS, 1.0, 0.0, 0.0, 1.0) is None
+    assert "older than the newest" in buffers.add_odometry(T_START + NS // 2, 0.5, 0.0, 0.0, 1.0)
+    assert "duplicate" in buffers.add_odometry(T_START + NS, 1.0, 0.0, 0.0, 1.0)
+    assert buffers.counters[sensing.NAN_ODOMETRY] == 2
+    assert buffers.counters[sensing.OUT_OF_ORDER] == 2
+    assert buffers.counters[sensing.ODOMETRY] == 2
+    assert "non-finite" in buffers.last_reasons[sensing.NAN_ODOMETRY]
+
+
+def test_out_of_order_image_is_rejected():
+    buffers = _buffers()
+    assert buffers.add_image("a", T_START + NS, _frame(1)) is None
+    assert "camera a" in buffers.add_image("a", T_START + NS // 2, _frame(0))
+    assert buffers.counters[sensing.OUT_OF_ORDER] == 1
+    assert buffers.add_image("z", T_START, _frame(0)).startswith("unknown camera")
+
+
+def test_backward_stamp_jump_resets_all_buffers():
+    buffers = _buffers()
+    last = _fill(buffers)
+    assert buffers.assemble()[0] is not None
+    # A bag loop: odometry restarts 2.5 s earlier.
+    assert buffers.add_odometry(T_START, 0.0, 0.0, 0.0, 10.0) is None
+    assert buffers.counters[sensing.CLOCK_JUMPS] == 1
+    assert "jumped back" in buffers.last_reasons[sensing.CLOCK_JUMPS]
+    stamps = buffers.newest_stamps()
+    assert stamps["a"] is None and stamps["b"] is None and stamps["odometry"] == T_START
+    frame, reason = buffers.assemble()
+    assert frame is None and "no frames" in reason
+    # The same drive fed again assembles normally.
+    buffers.reset()
+    assert _fill(buffers) == last and buffers.assemble()[0] is not None
+
+
+def test_clock_jump_resets_all_buffers():
+    buffers = _buffers()
+    last = _fill(buffers)
+    assert not buffers.observe_clock(last)
+    assert not buffers.observe_clock(last - NS // 2)  # under the threshold
+    assert buffers.observe_clock(last - 5 * NS)
+    assert buffers.counters[sensing.CLOCK_JUMPS] == 1
+    assert buffers.newest_stamps()["odometry"] is None
+
+
+def test_ring_buffers_are_bounded():
+    buffers = _buffers(buffer_seconds=1.0)
+    _fill(buffers, seconds=2.5)
+    frames = buffers._images["a"]
+    assert (frames[-1][0] - frames[0][0]) <= NS
+    assert buffers.assemble()[1].startswith("odometry covers")
+
+
+# --- Image conversion ----------------------------------------------------------------------------
+
+def _image() -> np.ndarray:
+    image = np.zeros((H, W, 3), np.uint8)
+    image[:, : W // 2] = (255, 0, 0)  # blue left half (BGR)
+    image[:, W // 2 :] = (0, 0, 255)  # red right half
+    return image
+
+
+@pytest.mark.parametrize("fmt, ext", [("jpeg", ".jpg"), ("png", ".png"), ("rgb8; jpeg compressed bgr8", ".jpg"),
+                                      ("", ".png")])
+def test_decode_compressed(fmt, ext):
+    ok, data = cv2.imencode(ext, _image())
+    assert ok
+    decoded = image_from_compressed(SimpleNamespace(format=fmt, data=data.tobytes()))
+    assert decoded.shape == (H, W, 3)
+    assert np.abs(decoded.astype(int) - _image()).mean() < 12
+
+
+def test_decode_compressed_errors():
+    with pytest.raises(InputError) as error:
+        decode_compressed("jpeg", b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
+    assert error.value.kind == sensing.DECODE_ERRORS
+    with pytest.raises(InputError) as error:
+        decode_compressed("jpeg", b"")
+    assert error.value.kind == sensing.DECODE_ERRORS
+    with pytest.raises(InputError) as error:
+        decode_compressed("h264", b"\x00\x00\x00\x01")
+    assert error.value.kind == sensing.WRONG_ENCODING and "h264" in error.value.reason
+
+
+@pytest.mark.parametrize("encoding", ["bgr8", "rgb8", "mono8"])
+def test_decode_raw(encoding):
+    image = _image()
+    if encoding == "rgb8":
+        pixels = image[:, :, ::-1]
+    elif encoding == "mono8":
+        pixels = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)[:, :, None]
+    else:
+        pixels = image
+    channels = pixels.shape[2]
+    step = W * channels + 4  # padded rows
+    rows = np.zeros((H, step), np.uint8)
+    rows[:, : W * channels] = pixels.reshape(H, -1)
+    message = SimpleNamespace(encoding=encoding, height=H, width=W, step=step, data=rows.tobytes(), is_bigendian=0)
+    decoded = image_from_raw(message)
+    assert decoded.shape == (H, W, 3) and decoded.flags.c_contiguous
+    if encoding == "mono8":
+        np.testing.assert_array_equal(decoded[:, :, 0], pixels[:, :, 0])
+    else:
+        np.testing.assert_array_equal(decoded, image)
+
+
+def test_decode_raw_errors():
+    with pytest.raises(InputError) as error:
+        decode_raw("16UC1", H, W, W * 2, bytes(H * W * 2))
+    assert error.value.kind == sensing.WRONG_ENCODING and "16UC1" in error.value.reason
+    with pytest.raises(InputError) as error:
+        decode_raw("bgr8", H, W, W * 3, bytes(10))
+    assert error.value.kind == sensing.DECODE_ERRORS
+
+
+def test_fit_size():
+    image = np.zeros((2 * H, 2 * W, 3), np.uint8)
+    resized, changed = fit_size(image, W, H, resize=True)
+    assert changed and resized.shape == (H, W, 3)
+    same, changed = fit_size(resized, W, H, resize=False)
+    assert not changed and same is resized
+    with pytest.raises(InputError) as error:
+        fit_size(image, W, H, resize=False)
+    assert error.value.kind == sensing.WRONG_SIZE
+
+
+def test_odometry_sample_reads_an_odometry_message():
+    yaw = 2.5
+    message = SimpleNamespace(
+        header=SimpleNamespace(stamp=SimpleNamespace(sec=1_700_000_001, nanosec=250_000_000)),
+        pose=SimpleNamespace(pose=SimpleNamespace(
+            position=SimpleNamespace(x=1.0, y=2.0, z=0.0),
+            orientation=SimpleNamespace(x=0.0, y=0.0, z=math.sin(yaw / 2), w=math.cos(yaw / 2)))),
+        twist=SimpleNamespace(twist=SimpleNamespace(linear=SimpleNamespace(x=3.0))),
+    )
+    stamp, x, y, got_yaw, speed = odometry_sample(message)
+    assert stamp == 1_700_000_001_250_000_000 and (x, y, speed) == (1.0, 2.0, 3.0)
+    assert got_yaw == pytest.approx(yaw)
