@@ -16,6 +16,7 @@ $(STAMP): requirements.txt setup.py
 
 demo: $(STAMP)
 	$(PY) -m chain_spec_ros.demo
+	$(PY) -m chain_spec_ros.replay.demo --bag data/demo_drive --seconds 30 --out runs/ros_demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q test

@@ -31,6 +31,13 @@ setup(
             "chain-spec-train-aarl = chain_spec_ros.training.aarl:main",
             "chain-spec-eval = chain_spec_ros.evaluate:main",
             "chain-spec-demo = chain_spec_ros.demo:main",
+            "chain-spec-export = chain_spec_ros.engines.export:main",
+            "chain-spec-build-engines = chain_spec_ros.engines.build:main",
+            "chain_spec_node = chain_spec_ros.node:main",
+            "chain-spec-replay = chain_spec_ros.replay.replay:main",
+            "chain-spec-report = chain_spec_ros.replay.report:main",
+            "chain-spec-ros-demo = chain_spec_ros.replay.demo:main",
+            "chain-spec-comma-bag = chain_spec_ros.replay.comma:main",
         ],
     },
 )

@@ -15,6 +15,7 @@ import torch
 
 from .evaluate import displacement_errors, load_planner
 from .paths import default_models_dir
+from .planner import Planner
 from .scenarios.coc import decision_from_coc
 from .scenarios.events import BUILDERS
 from .scenarios.scene import make_scene
@@ -51,16 +52,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
+    models = Path(args.models)
     try:
-        planner = load_planner(Path(args.models))
+        speculative = load_planner(models, drafter="eagle") if (models / "draft").is_dir() else None
+        target_only = Planner(speculative.target, speculative.builder) if speculative else load_planner(models)
     except (FileNotFoundError, ValueError) as error:
         print(f"chain-spec-demo: error: {error}", file=sys.stderr)
         return 2
+    planner = speculative or target_only
+    print(f"planner: {'speculative (EAGLE draft, k=%d)' % planner.k if speculative else 'target only'}, "
+          f"backend {planner.backend}\n")
     events = list(BUILDERS)
-    results, correct, ade = [], 0, []
+    results, correct, ade, identical, base_ms = [], 0, [], 0, 0.0
     for i in range(args.scenes):
         scene = make_scene(DEMO_SEED + i, event=events[i % len(events)])
         result = planner.plan(scene.images, scene.history_tokens, scene.speed)
+        if speculative:  # the same scene without the draft, for the lossless check and the speedup
+            base = target_only.plan(scene.images, scene.history_tokens, scene.speed)
+            identical += base.coc_ids == result.coc_ids
+            base_ms += base.timings_ms["decode"]
         decided = decision_from_coc(result.coc)
         correct += decided == scene.primary
         ade.append(displacement_errors(result.trajectory_xy, scene.future_xy)["ade_3s"])
@@ -70,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     timings = {k: np.mean([r.timings_ms[k] for _, r in results]) for k in results[0][1].timings_ms}
     print(f"\ndecisions right: {correct}/{args.scenes}   mean ADE@3s: {np.mean(ade):.2f} m")
     print("mean stage times (ms): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    if speculative:
+        spec_ms = sum(r.timings_ms["decode"] for _, r in results)
+        tau = np.mean([r.stats["tau"] for _, r in results])
+        drafted = np.mean([r.stats["drafted_share"] for _, r in results])
+        print(f"speculative CoC identical to target-only: {identical}/{args.scenes}   tau {tau:.2f}   "
+              f"drafted share {drafted:.2f}   CoC decoding speedup {base_ms / spec_ms:.2f}x (measured in this run)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     draw(results[:8], out / "demo.png")

@@ -30,8 +30,11 @@ class EagleDrafter:
     every verification.
     """
 
-    def __init__(self, engine: DraftEngine):
-        self.engine = engine
+    def __init__(self, engine: DraftEngine, min_confidence: float = 0.0):
+        """min_confidence > 0 makes the draft length adaptive (greedy mode): drafting stops
+        after a token whose draft probability is below it, since a likely rejection only costs
+        draft steps and verify width."""
+        self.engine, self.min_confidence = engine, min_confidence
         self.feature_layers = list(engine.config.feature_layers)
         self.mode = engine.config.position_mode
 
@@ -59,8 +62,10 @@ class EagleDrafter:
             token, p = _choose(logits, temperature, generator)
             drafts.append(token)
             probs.append(p)
-            if j + 1 < k:
-                hidden, logits = self._step([token], hidden, index + j)
+            if j + 1 == k or (self.min_confidence > 0 and temperature == 0
+                              and float(torch.softmax(logits.float(), -1)[token]) < self.min_confidence):
+                break
+            hidden, logits = self._step([token], hidden, index + j)
         self.drafts = drafts
         return drafts, torch.stack(probs) if temperature > 0 else None
 

@@ -32,7 +32,6 @@ the next tick plans again.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import sys
@@ -54,9 +53,6 @@ from .sensing import (NS, REJECTION_COUNTERS, RESIZED, InputError, SensingConfig
 from .trajectory import STEP_SECONDS
 
 PERCENTILES = (50, 95, 99)
-# Alternative names a decoder may use for the two headline acceptance statistics.
-TAU_KEYS = ("tau", "mean_accepted_length", "accepted_length")
-DRAFTED_KEYS = ("drafted_share", "draft_share", "drafted_fraction")
 
 
 class StartupError(RuntimeError):
@@ -180,9 +176,7 @@ def json_safe(value):
 
 def headline_stats(stats: dict[str, float]) -> tuple[float, float]:
     """(tau, drafted share) from a PlanResult's stats; target-only decoding is (1, 0)."""
-    tau = next((stats[k] for k in TAU_KEYS if k in stats), 1.0)
-    drafted = next((stats[k] for k in DRAFTED_KEYS if k in stats), 0.0)
-    return tau, drafted
+    return stats.get("tau", 1.0), stats.get("drafted_share", 0.0)
 
 
 def load_planner_for(config: NodeConfig):
@@ -193,28 +187,26 @@ def load_planner_for(config: NodeConfig):
     models = Path(config.models_dir).expanduser() if config.models_dir else default_models_dir()
     if not models.is_dir():
         raise StartupError(f"models directory not found: {models} (set the models_dir parameter)")
-    accepted = inspect.signature(load_planner).parameters
-    kwargs: dict[str, Any] = {}
-    if "backend" in accepted:
-        kwargs["backend"] = config.backend
-    elif config.backend != "torch":
-        raise StartupError(f"backend {config.backend!r} is not available in this build; use backend:=torch")
-    if config.expert_steps and "expert_steps" in accepted:
-        kwargs["expert_steps"] = config.expert_steps
+    drafter = config.drafter
+    if drafter == "auto":
+        draft = Path(config.draft_dir).expanduser() if config.draft_dir else models / "draft"
+        drafter = "eagle" if draft.is_dir() and any(draft.iterdir()) else "none"
+    kwargs: dict[str, Any] = dict(backend=config.backend, drafter=drafter, k=config.draft_k,
+                                  expert_steps=config.expert_steps or None,
+                                  draft_dir=str(Path(config.draft_dir).expanduser()) if config.draft_dir else None)
     try:
         planner = load_planner(models, **kwargs)
     except (FileNotFoundError, ValueError, KeyError, OSError) as error:
         raise StartupError(f"cannot load the models from {models}: {error}") from None
     except Exception as error:  # noqa: BLE001 - e.g. a corrupt safetensors file
         raise StartupError(f"cannot load the models from {models}: {type(error).__name__}: {error}") from None
-    if hasattr(planner, "seed"):
-        planner.seed = config.seed
+    planner.seed = config.seed
     return planner, models
 
 
 def model_image_size(planner) -> tuple[int, int]:
-    vision = getattr(getattr(getattr(planner, "target", None), "cfg", None), "vision", None)
-    return (int(getattr(vision, "image_width", 96)), int(getattr(vision, "image_height", 48)))
+    vision = planner.target.config.vision
+    return vision.image_width, vision.image_height
 
 
 def trajectory_yaws(xy: np.ndarray) -> np.ndarray:
@@ -312,7 +304,12 @@ def _node_class():
             self._tokenizer = getattr(builder, "tokenizer", None)
             self.width, self.height = model_image_size(self.planner)
             self.decoding = "speculative" if getattr(self.planner, "drafter", None) is not None else "target-only"
-            log.info(f"models from {self.models_dir} ({cfg.backend}, {self.decoding}); images "
+            engine = getattr(self.planner, "target", None)
+            self.backend = str(getattr(engine, "backend", None) or cfg.backend)
+            self.backend_fallback = getattr(engine, "fallback_reason", None) or ""
+            if self.backend_fallback:
+                log.warning(f"backend {cfg.backend} unavailable, running on {self.backend}: {self.backend_fallback}")
+            log.info(f"models from {self.models_dir} ({self.backend}, {self.decoding}); images "
                      f"{self.width}x{self.height}; cameras {', '.join(cfg.cameras)}")
             # 3. Buffers and bookkeeping.
             self.buffers = SensorBuffers(SensingConfig(
@@ -327,6 +324,7 @@ def _node_class():
             self._convert_ms = 0.0  # message conversion time since the last plan
             self._convert_lock = threading.Lock()
             self._last_t0: int | None = None
+            self._generation = self.buffers.generation
             self._last_frame: SensorFrame | None = None
             self._last_staleness = float("nan")
             self._last_stats: dict[str, float] = {}
@@ -412,6 +410,8 @@ def _node_class():
                 with self._stats_lock:
                     stats.dropped += 1
                 return
+            if self.buffers.generation != self._generation:  # reset (clock jump): a new timeline
+                self._generation, self._last_t0 = self.buffers.generation, None
             frame, reason = self.buffers.assemble(now_ns=now, last_t0_ns=self._last_t0)
             if frame is None:
                 with self._stats_lock:
@@ -486,7 +486,7 @@ def _node_class():
             return {
                 "t0_ns": frame.t0_ns, "coc": result.coc, "coc_ids": ids, "tokens": tokens,
                 "token_sources": list(sources), "timings_ms": dict(getattr(result, "timings_ms", {})),
-                "stats": stats, "backend": self.config.backend, "decoding": self.decoding,
+                "stats": stats, "backend": self.backend, "decoding": self.decoding,
                 "speed": frame.speed, "pose": list(frame.pose), "camera_skew_s": frame.camera_skew_s,
                 "odom_lag_s": frame.odom_lag_s, "input_age_s": frame.input_age_s,
                 "frame_stamps_ns": frame.frame_stamps_ns.tolist(),
@@ -551,7 +551,8 @@ def _node_class():
 
             # Planner status: latency, acceptance, errors.
             summary = self.latency.summary()
-            planner_values = [kv("backend", self.config.backend), kv("decoding", self.decoding),
+            planner_values = [kv("backend", self.backend), kv("backend_requested", self.config.backend),
+                              kv("backend_fallback", self.backend_fallback), kv("decoding", self.decoding),
                               kv("models_dir", str(self.models_dir)), kv("plans", s.plans), kv("errors", s.errors),
                               kv("last_error", s.last_error)]
             for name, stats in sorted(summary.items()):
@@ -573,7 +574,7 @@ def _node_class():
             else:
                 level, message = Status.OK, f"{s.plans} plans, {self.decoding} decoding"
             planner = Status(level=level, name=f"{self.get_name()}: planner", message=message,
-                             hardware_id=self.config.backend, values=planner_values)
+                             hardware_id=self.backend, values=planner_values)
 
             # Inputs status: ticks, staleness, rejected messages.
             counters = dict(self.buffers.counters)
@@ -607,7 +608,7 @@ def _node_class():
             else:
                 level, message = Status.OK, "inputs ok"
             inputs = Status(level=level, name=f"{self.get_name()}: inputs", message=message,
-                            hardware_id=self.config.backend, values=input_values)
+                            hardware_id=self.backend, values=input_values)
             array = types["DiagnosticArray"](status=[planner, inputs])
             array.header.stamp = _time_msg(types, now)
             return array

@@ -223,6 +223,7 @@ class SensorBuffers:
         self._images: dict[str, deque] = {name: deque() for name in config.cameras}
         self._odometry: deque = deque()
         self._last_clock_ns: int | None = None
+        self.generation = 0  # bumped by every reset: stamps from before it are another timeline
 
     # -- bookkeeping
 
@@ -238,6 +239,7 @@ class SensorBuffers:
             self._clear()
 
     def _clear(self) -> None:
+        self.generation += 1
         for buffer in self._images.values():
             buffer.clear()
         self._odometry.clear()
@@ -354,8 +356,8 @@ class SensorBuffers:
                 i = int(np.argmin(np.abs(frame_stamps - target)))
                 error = abs(int(frame_stamps[i]) - target) / NS
                 if error > cfg.frame_tolerance_s:
-                    return None, (f"camera {name}: no frame within {cfg.frame_tolerance_s:g} s of t0-{offset / NS:.1f} s "
-                                  f"(nearest is {error:.3f} s away)")
+                    return None, (f"camera {name}: no frame within {cfg.frame_tolerance_s:g} s of "
+                                  f"t0-{offset / NS:.1f} s (nearest is {error:.3f} s away)")
                 misalignment = max(misalignment, error)
                 chosen.append(i)
             stacks.append(np.stack([images[name][i][1] for i in chosen]))

@@ -26,7 +26,8 @@ class TrajectoryOut:
 class TargetEngine(ABC):
     """The deliberative reasoner: vision encoder, prefill, decode / verify, trajectory expert."""
 
-    backend: str
+    backend: str  # the backend actually running
+    fallback_reason: str | None = None  # why it is not the one configured, when it is not
     config: TargetConfig
     feature_layers: list[int]  # hidden layers returned with every prefill/decode (for the draft)
 
@@ -64,6 +65,7 @@ class DraftEngine(ABC):
     """The routine reasoner's network: feature fusion, one decoder layer with a cache, LM head."""
 
     backend: str
+    fallback_reason: str | None = None
     config: DraftConfig
 
     @abstractmethod

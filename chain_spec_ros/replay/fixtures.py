@@ -10,7 +10,7 @@ from ..paths import default_tokenizer_path
 
 
 def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | None = None,
-                      vocab_size: int | None = None) -> Path:
+                      vocab_size: int | None = None, draft: bool = False) -> Path:
     """A models directory (tokenizer.json + target/) holding a tiny, randomly initialised target.
 
     Its CoCs are gibberish, but it has the real shapes, so the node, replay and report run
@@ -35,7 +35,13 @@ def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | No
         expert=ExpertConfig(hidden_size=32, num_heads=2),
         image_pad_id=tok.id("<|image_pad|>"),
     )
-    TargetVLA(config).save_pretrained(out / "target")
+    target = TargetVLA(config)
+    target.save_pretrained(out / "target")
+    if draft:
+        from ..models.draft import DraftConfig, EagleDraft
+
+        EagleDraft(DraftConfig.for_target(config.decoder), target.decoder.embed_tokens,
+                   target.decoder.lm_head).save_pretrained(out / "draft")
     shutil.copyfile(source, out / "tokenizer.json")
     return out
 
@@ -86,7 +92,8 @@ class NodeProcess:
         return self.process.returncode
 
     def output(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def __enter__(self) -> "NodeProcess":

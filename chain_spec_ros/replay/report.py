@@ -229,7 +229,9 @@ def summary_lines(report: dict) -> list[str]:
         o = report["node_overhead"]
         lines.append(f"node overhead: {o['ms_mean']:.2f} ms per plan, {o['share_pct_total']:.1f}% of planning time "
                      f"(p95 {o['share_pct_p95']:.1f}%)")
-    if report["decoding"]:
+    if report["decoding_mode"] == "target-only":
+        lines.append("decoding: target only (tau 1, nothing drafted)")
+    elif report["decoding"]:
         d = report["decoding"]
         tau = "n/a" if d.get("tau_mean") is None else f"{d['tau_mean']:.2f}"
         share = "n/a" if d.get("drafted_share_mean") is None else f"{100 * d['drafted_share_mean']:.0f}%"
@@ -282,25 +284,30 @@ def _printable(token: str) -> str:
 
 def _coloured_tokens(ax, tokens: list[str], sources: list[str], fontsize: float = 9.0, top: float = 0.80,
                      line_height: float = 0.16) -> None:
-    """The CoC token by token in a monospace font: draft tokens in one colour, target tokens in
-    the other. Positions come from character counts, so tokens join exactly as in the text."""
+    """The CoC token by token: draft tokens in one colour, target tokens in the other. Each
+    token starts where the rendered text of its line so far ends, so tokens join exactly."""
     renderer = ax.figure.canvas.get_renderer()
-    probe = ax.text(0, 0, "M" * 20, fontsize=fontsize, family="monospace", transform=ax.transAxes)
-    char_width = probe.get_window_extent(renderer).transformed(ax.transAxes.inverted()).width / 20
-    probe.remove()
-    per_line = max(int(0.98 / char_width), 10)
-    column, row = 0, 0
+    probe = ax.text(0.01, 0, "", fontsize=fontsize, family="monospace", transform=ax.transAxes)
+
+    def width(text: str) -> float:
+        if not text:
+            return 0.0
+        probe.set_text(text.replace(" ", "\u00a0"))  # keep leading/trailing spaces in the measure
+        return probe.get_window_extent(renderer).transformed(ax.transAxes.inverted()).width
+
+    line, row = "", 0
     for token, source in zip(tokens, sources):
         text = _printable(token)
         if not text:
             continue
-        if column + len(text.rstrip()) > per_line and column > 0:
-            column, row = 0, row + 1
+        if line and 0.01 + width(line + text.rstrip()) > 0.99:
+            line, row = "", row + 1
             text = text.lstrip() or text
-        ax.text(0.01 + column * char_width, top - row * line_height, text,
+        ax.text(0.01 + width(line), top - row * line_height, text.replace(" ", "\u00a0"),
                 color=DRAFT_COLOUR if source == "draft" else TARGET_COLOUR, fontsize=fontsize, family="monospace",
                 transform=ax.transAxes, va="top")
-        column += len(text)
+        line += text
+    probe.remove()
 
 
 def draw_report(report: dict, outputs: dict, drive: dict, png: Path, index: int | None = None,
@@ -325,7 +332,7 @@ def draw_report(report: dict, outputs: dict, drive: dict, png: Path, index: int 
     truth, _ = future_in_t0_frame(drive["odometry"], t0_ns / NS)
     info = plan.get("info", {})
 
-    fig = plt.figure(figsize=(11, 6.2))
+    fig = plt.figure(figsize=(11, 6.2), dpi=110)
     grid = fig.add_gridspec(2, 2, height_ratios=[3, 1.25], width_ratios=[1.6, 1])
     cam_ax, bev_ax, text_ax = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
 
@@ -367,6 +374,7 @@ def draw_report(report: dict, outputs: dict, drive: dict, png: Path, index: int 
     bev_ax.set_title("bird's-eye view, t0 frame", fontsize=9)
 
     text_ax.set_axis_off()
+    fig.tight_layout()  # before the token layout, which measures text against the final axes
     tokens, sources = info.get("tokens") or [], info.get("token_sources") or []
     stats = info.get("stats") or {}
     header = "chain of causation"
@@ -392,7 +400,6 @@ def draw_report(report: dict, outputs: dict, drive: dict, png: Path, index: int 
         footer.append(f"ADE {report['trajectory']['ade_6.4s']:.2f} m, FDE {report['trajectory']['fde_6.4s']:.2f} m "
                       f"over {report['trajectory']['evaluated']} plans")
     text_ax.text(0.01, 0.02, "   ".join(footer), fontsize=8, transform=text_ax.transAxes)
-    fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)
     plt.close(fig)

@@ -1,0 +1,499 @@
+"""`chain-spec-export`: the target and the draft as ONNX graphs with the KV cache as explicit tensors.
+
+    chain-spec-export --models MODELS [--draft MODELS/draft] [--out MODELS/onnx] [--k 7]
+
+Every graph is traced (TorchScript exporter, opset 17) from the existing torch modules through a
+thin wrapper that turns the stateful `KVCache` into explicit inputs and outputs; no layer is
+re-implemented. The one substitution: during export, scaled-dot-product attention is lowered to
+plain matmuls with grouped queries (`grouped_attention`, tested equal to SDPA).
+
+    MODELS/onnx/target_vision.onnx   images uint8 [N, H, W, 3] -> image_embeds [N, tokens_per_image, D]
+    MODELS/onnx/target_decoder.onnx  inputs_embeds [1, T, D], positions [3, T] (M-RoPE), past_length [1],
+                                     logit_index [N], past_key_i / past_value_i [1, kv_heads, S, head_dim]
+                                     -> logits [1, N, V], hidden_<layer> [1, T, D] (the draft's feature layers),
+                                        new_key_i / new_value_i [1, kv_heads, T, head_dim]
+    MODELS/onnx/target_expert.onnx   actions [1, H, 2], flow_time [1], valid_length [1], rope_delta [1],
+                                     past_key_i / past_value_i -> velocity [1, H, 2]
+    MODELS/onnx/draft_step.onnx      token_ids [1, T], features [1, T, D], positions [3, T], past_length [1],
+                                     past_key_0 / past_value_0 -> hidden [1, T, D], logits [1, V], new_key_0 / new_value_0
+    MODELS/onnx/draft_fuse.onnx      feature_j [1, T, D] per fused target layer -> fused [1, T, D]
+    MODELS/onnx/target_decoder_t1.onnx, target_decoder_t8.onnx, draft_step_t1.onnx
+                                     the same step graphs with T fixed (decode, k + 1 verify, chain
+                                     step), for ONNX Runtime (see `export_target`)
+    MODELS/onnx/target_embed.npy     the token embedding table (see below)
+    MODELS/onnx/manifest.json        shapes, feature layers, opset, fingerprints of the source weights
+
+The cache contract, and its cost. A graph that reads a cache takes the engine's *whole*
+preallocated buffer (S slots per layer) plus the number of valid slots, and returns only the
+keys/values of its T new tokens; the engine writes those at [valid, valid + T) and a rollback
+just lowers the valid count. New token i attends to slots < past_length and to new tokens
+0..i. Why: a decode or verify step has the same shapes all request long, so TensorRT profiles
+are exact and CUDA graphs can be captured, and the host never slices or copies the cache.
+Cost: attention, and the concatenation of cache and new keys inside the graph, cover all S
+slots rather than the valid prefix; the masked tail is wasted work (not an error). The planner
+sizes S to prompt + 64 + k + 4, so the waste is the not-yet-generated part of the CoC (about
+25% of the keys at the first CoC token, none at the last).
+
+The engine, not the graph, looks up token embeddings and splices the image embeddings over
+the `<|image_pad|>` positions (a gather and a masked copy): one decoder graph then serves
+prefill (with images) and decode/verify (text only), with no data-dependent shapes inside.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..models.decoder import Decoder
+from ..models.draft import DraftConfig, EagleDraft
+from ..models.expert import TrajectoryExpert
+from ..models.target import TargetVLA
+
+FORMAT_VERSION = 1
+OPSET = 17  # LayerNormalization as one op; supported by ONNX Runtime and TensorRT 10/11
+ONNX_DIR = "onnx"
+MANIFEST = "manifest.json"
+EMBED_TABLE = "target_embed.npy"
+GRAPHS = ("target_vision", "target_decoder", "target_expert", "draft_step", "draft_fuse")
+
+
+class ExportError(RuntimeError):
+    """The exported graphs cannot be used as they are (missing, or made from other weights)."""
+
+
+class StaleExportError(ExportError):
+    """The graphs were exported from different weights than the ones in the models directory."""
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_{i}" for i in range(num_layers)] + [f"past_value_{i}" for i in range(num_layers)]
+
+
+def new_kv_names(num_layers: int) -> list[str]:
+    return [f"new_key_{i}" for i in range(num_layers)] + [f"new_value_{i}" for i in range(num_layers)]
+
+
+def hidden_name(layer: int) -> str:
+    return f"hidden_{layer}"
+
+
+# --- wrappers: the torch modules with the cache as explicit tensors ------------------------------
+
+def cache_mask(past_length: Tensor, num_new: int, cache_len: int) -> Tensor:
+    """Bool [T, S + T] over keys [whole cache buffer ; new tokens]: slot j is visible when
+    j < past_length, new token i' when i' <= i (causal)."""
+    keys = torch.arange(cache_len + num_new, device=past_length.device)[None]
+    queries = torch.arange(num_new, device=past_length.device)[:, None]
+    return (keys < past_length) | ((keys >= cache_len) & (keys - cache_len <= queries))
+
+
+def _attend_over_buffer(past_k: Tensor, past_v: Tensor, new: list[tuple[Tensor, Tensor]]):
+    """KV hook for a layer: record this forward's rotated k, v (a graph output) and attend over
+    [whole cache buffer ; new k, v]; `cache_mask` hides the invalid slots."""
+    def hook(k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        new.append((k, v))
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    return hook
+
+
+class _BufferView:
+    """The engine's cache buffers, read only, behind the two `KVCache` members the expert uses.
+    `length` is the buffer size S; the valid count goes in as the expert's `prefix_lengths`."""
+
+    def __init__(self, keys: Sequence[Tensor], values: Sequence[Tensor]):
+        self.keys, self.values = keys, values
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2]
+
+    def get(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.keys[layer], self.values[layer]
+
+
+class VisionStep(nn.Module):
+    """`VisionEncoder.forward` on camera-layout uint8 images, converted with the cast *before*
+    the transpose (TensorRT takes uint8 only at inputs and casts); same values as `to_float_image`."""
+
+    def __init__(self, vision: nn.Module):
+        super().__init__()
+        self.vision = vision
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.vision(images.float().permute(0, 3, 1, 2) / 255.0)
+
+
+class DecoderStep(nn.Module):
+    """`Decoder.forward` with the cache as inputs/outputs: the same rotary table, layers, final
+    norm and LM head; only the mask (valid prefix of a fixed buffer) and the KV hook differ."""
+
+    def __init__(self, decoder: Decoder, feature_layers: Sequence[int]):
+        super().__init__()
+        self.decoder = decoder
+        n = len(decoder.layers)
+        self.feature_layers = sorted({i % n for i in feature_layers})  # one output per distinct layer
+
+    def forward(self, inputs_embeds: Tensor, positions: Tensor, past_length: Tensor, logit_index: Tensor,
+                *past: Tensor) -> tuple[Tensor, ...]:
+        n = len(self.decoder.layers)
+        cos, sin = self.decoder.rotary_emb(positions[:, None])
+        mask = cache_mask(past_length, inputs_embeds.shape[1], past[0].shape[2])
+        new: list[tuple[Tensor, Tensor]] = []
+        saved: dict[int, Tensor] = {}
+        x = inputs_embeds
+        for i, layer in enumerate(self.decoder.layers):
+            x = layer(x, cos, sin, _attend_over_buffer(past[i], past[n + i], new), mask)
+            saved[i] = x
+        logits = self.decoder.lm_head(self.decoder.norm(x.index_select(1, logit_index)))
+        hidden = [saved[i] for i in self.feature_layers]
+        return (logits, *hidden, *[k for k, _ in new], *[v for _, v in new])
+
+
+class ExpertStep(nn.Module):
+    """One velocity evaluation of `TrajectoryExpert.forward` over a fixed cache buffer: its
+    `prefix_lengths` path (used in training for ragged batches) masks the slots past the valid
+    length and places the action tokens right after it, as the unmasked path does."""
+
+    def __init__(self, expert: TrajectoryExpert):
+        super().__init__()
+        self.expert = expert
+
+    def forward(self, actions: Tensor, flow_time: Tensor, valid_length: Tensor, rope_delta: Tensor,
+                *past: Tensor) -> Tensor:
+        n = len(past) // 2
+        return self.expert(actions, flow_time, _BufferView(past[:n], past[n:]), rope_delta,
+                           prefix_lengths=valid_length)
+
+
+class DraftStep(nn.Module):
+    """`EagleDraft.forward` + `logits` for the last position, with its one-layer cache explicit."""
+
+    def __init__(self, draft: EagleDraft):
+        super().__init__()
+        self.draft = draft
+        self.embed, self.head = draft._shared  # traced as graph constants (the target's, frozen)
+
+    def forward(self, token_ids: Tensor, features: Tensor, positions: Tensor, past_length: Tensor,
+                past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        new: list[tuple[Tensor, Tensor]] = []
+        mask = cache_mask(past_length, token_ids.shape[1], past_key.shape[2])
+        hidden = self.draft(token_ids, features, positions[:, None], kv_hook=_attend_over_buffer(past_key, past_value, new),
+                            mask=mask)
+        logits = self.draft.logits(hidden[:, -1])
+        return hidden, logits, new[0][0], new[0][1]
+
+
+class DraftFuse(nn.Module):
+    def __init__(self, draft: EagleDraft):
+        super().__init__()
+        self.draft = draft
+
+    def forward(self, *features: Tensor) -> Tensor:
+        return self.draft.fuse_features(list(features))
+
+
+def grouped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+                      is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Tensor:
+    """`F.scaled_dot_product_attention` (same arguments, same maths) written with matmuls that
+    trace to plain ONNX, with grouped-query attention done by grouping the queries per KV head
+    ([B, kv, rep * T, d] @ [B, kv, d, S]) instead of repeating K/V to every query head.
+
+    Why: the TorchScript exporter cannot export SDPA with enable_gqa at all, and its SDPA
+    lowering adds a run-time scale and NaN guards; repeating K/V would copy the whole cache
+    buffer once more per layer and step. Measured on the d256 x 8 target, ONNX Runtime CPU:
+    about 15% less time per decode step than repeat + SDPA.
+    """
+    if dropout_p or is_causal:
+        raise NotImplementedError("export of dropout / is_causal attention")
+    b, heads, t, d = q.shape
+    kv_heads = k.shape[1]
+    rep = heads // kv_heads
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    scores = torch.matmul((q * scale).reshape(b, kv_heads, rep * t, d), k.transpose(-2, -1))
+    scores = scores.reshape(b, kv_heads, rep, t, -1)
+    if attn_mask is not None:
+        if attn_mask.dim() == 4:  # [B, 1, T or 1, S] -> [B, 1, 1, T or 1, S]
+            attn_mask = attn_mask.unsqueeze(2)
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probs = torch.softmax(scores, dim=-1).reshape(b, kv_heads, rep * t, -1)
+    return torch.matmul(probs, v).reshape(b, heads, t, d)
+
+
+@contextlib.contextmanager
+def _attention_for_export() -> Iterator[None]:
+    """While exporting only, every `F.scaled_dot_product_attention` call is `grouped_attention`."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = grouped_attention
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
+            dynamic: dict[str, dict[int, str]], opset: int) -> None:
+    import onnx
+
+    with torch.no_grad(), _attention_for_export(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic and the legacy exporter
+        torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+        results = module(*args)
+    # Declare the output shapes exactly (the exporter's inference names static dims symbolically
+    # at times): the example run's sizes, with the dynamic axes named.
+    results = results if isinstance(results, tuple) else (results,)
+    model = onnx.load(str(path))
+    for value, result in zip(model.graph.output, results):
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for axis, size in enumerate(result.shape):
+            dim = dims.add()
+            if axis in dynamic.get(value.name, {}):
+                dim.dim_param = dynamic[value.name][axis]
+            else:
+                dim.dim_value = size
+    onnx.save(model, str(path))
+
+
+# --- fingerprints and manifest --------------------------------------------------------------------
+
+def fingerprint(directory: str | Path) -> str:
+    """sha256 over config.json and model.safetensors: any change of the weights changes it."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        with open(Path(directory) / name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _graph_io(path: Path) -> dict:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+
+    def dims(value) -> list:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    def elem(value) -> str:
+        return onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+
+    return {"file": path.name,
+            "inputs": {v.name: {"shape": dims(v), "dtype": elem(v)} for v in model.graph.input},
+            "outputs": {v.name: {"shape": dims(v), "dtype": elem(v)} for v in model.graph.output}}
+
+
+def fixed_name(graph: str, tokens: int) -> str:
+    """The fixed-token variant of a step graph, e.g. target_decoder_t8 for a k = 7 verify."""
+    return f"{graph}_t{tokens}"
+
+
+def _step_variants(fixed_tokens: Sequence[int]) -> list[int | None]:
+    """None = the graph with a dynamic token axis, then one fixed-size graph per entry."""
+    return [None, *sorted(set(fixed_tokens))]
+
+
+def export_target(model: TargetVLA, out: Path, feature_layers: Sequence[int], opset: int = OPSET,
+                  fixed_tokens: Sequence[int] = (1, 8)) -> dict:
+    """Vision encoder, decoder step and expert step of `model` into `out`; returns the manifest's
+    graph entries.
+
+    Besides the decoder graph with a dynamic token axis (prefill, any verify width), one graph
+    per size in `fixed_tokens` (decode: 1, verify: k + 1) is exported with that axis fixed, so
+    its shape arithmetic folds into constants: about 20% less time per decode step in ONNX
+    Runtime on CPU, whose decode cost at this model size is mostly per-operator overhead.
+    TensorRT uses the dynamic graph with one optimisation profile per size instead.
+    """
+    cfg, dec = model.cfg, model.cfg.decoder
+    n, kv = dec.num_layers, dec.num_kv_heads
+    S = 12  # example sizes for tracing; the cache axis is always dynamic
+    past = [torch.zeros(1, kv, S, dec.head_dim) for _ in range(2 * n)]
+    cache_axes = {name: {2: "cache_len"} for name in past_names(n)}
+    graphs = {}
+
+    images = torch.zeros(2, cfg.vision.image_height, cfg.vision.image_width, 3, dtype=torch.uint8)
+    _export(VisionStep(model.vision), (images,), out / "target_vision.onnx", ["images"], ["image_embeds"],
+            {"images": {0: "num_images"}, "image_embeds": {0: "num_images"}}, opset)
+    graphs["target_vision"] = _graph_io(out / "target_vision.onnx")
+
+    step = DecoderStep(model.decoder, feature_layers)
+    hidden = [hidden_name(i) for i in step.feature_layers]
+    for fixed in _step_variants(fixed_tokens):
+        T = fixed or 3
+        name = "target_decoder" if fixed is None else fixed_name("target_decoder", fixed)
+        token_axes = {} if fixed else {
+            "inputs_embeds": {1: "tokens"}, "positions": {1: "tokens"}, "logit_index": {0: "logit_rows"},
+            "logits": {1: "logit_rows"}, **{h: {1: "tokens"} for h in hidden}, **{k: {2: "tokens"} for k in new_kv_names(n)}}
+        args = (torch.zeros(1, T, dec.hidden_size), torch.arange(T).expand(3, T).contiguous(), torch.tensor([S - 4]),
+                torch.arange(T), *past)
+        _export(step, args, out / f"{name}.onnx", ["inputs_embeds", "positions", "past_length", "logit_index",
+                                                    *past_names(n)],
+                ["logits", *hidden, *new_kv_names(n)], {**token_axes, **cache_axes}, opset)
+        graphs[name] = {**_graph_io(out / f"{name}.onnx"), "tokens": fixed}
+
+    H = cfg.expert.horizon
+    args = (torch.zeros(1, H, cfg.expert.action_dim), torch.zeros(1), torch.tensor([S - 4]), torch.tensor([5]), *past)
+    _export(ExpertStep(model.expert), args, out / "target_expert.onnx",
+            ["actions", "flow_time", "valid_length", "rope_delta", *past_names(n)], ["velocity"], cache_axes, opset)
+    graphs["target_expert"] = _graph_io(out / "target_expert.onnx")
+    np.save(out / EMBED_TABLE, model.decoder.embed_tokens.weight.detach().float().numpy())
+    return graphs
+
+
+def export_draft(draft: EagleDraft, out: Path, opset: int = OPSET, fixed_tokens: Sequence[int] = (1,)) -> dict:
+    """The draft's step graph (dynamic token axis, plus fixed-size variants: the chain step is
+    1 token) and its feature fusion."""
+    cfg = draft.cfg
+    S = 12
+    past = [torch.zeros(1, cfg.num_kv_heads, S, cfg.head_dim) for _ in range(2)]
+    graphs = {}
+    for fixed in _step_variants(fixed_tokens):
+        T = fixed or 3
+        name = "draft_step" if fixed is None else fixed_name("draft_step", fixed)
+        token_axes = {} if fixed else {"token_ids": {1: "tokens"}, "features": {1: "tokens"}, "positions": {1: "tokens"},
+                                       "hidden": {1: "tokens"}, **{k: {2: "tokens"} for k in new_kv_names(1)}}
+        args = (torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T, cfg.hidden_size),
+                torch.arange(T).expand(3, T).contiguous(), torch.tensor([S - 4]), *past)
+        _export(DraftStep(draft), args, out / f"{name}.onnx",
+                ["token_ids", "features", "positions", "past_length", *past_names(1)],
+                ["hidden", "logits", *new_kv_names(1)],
+                {**token_axes, **{k: {2: "cache_len"} for k in past_names(1)}}, opset)
+        graphs[name] = {**_graph_io(out / f"{name}.onnx"), "tokens": fixed}
+    names = [f"feature_{j}" for j in range(len(cfg.feature_layers))]
+    _export(DraftFuse(draft), tuple(torch.zeros(1, 3, cfg.hidden_size) for _ in names), out / "draft_fuse.onnx",
+            names, ["fused"], {**{name: {1: "tokens"} for name in names}, "fused": {1: "tokens"}}, opset)
+    graphs["draft_fuse"] = _graph_io(out / "draft_fuse.onnx")
+    return graphs
+
+
+def export_models(models: str | Path, draft_dir: str | Path | None = None, out: str | Path | None = None,
+                  opset: int = OPSET, k: int = 7) -> dict:
+    """Export MODELS/target (and the draft in `draft_dir`) into `out` (default MODELS/onnx) and
+    write the manifest. The target's feature outputs are the draft's feature layers, or
+    EAGLE-3's default low/middle/high layers when no draft is given; `k` sizes the fixed
+    verify graph (k + 1 tokens)."""
+    models = Path(models)
+    out = Path(out) if out is not None else models / ONNX_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a half-written export must not look valid
+    for old in out.glob("*.onnx"):  # never leave graphs of another export behind
+        old.unlink()
+    target = TargetVLA.from_pretrained(models / "target").eval()
+    draft = None
+    if draft_dir is not None:
+        draft = EagleDraft.from_pretrained(draft_dir, target.decoder.embed_tokens, target.decoder.lm_head).eval()
+    layers = draft.cfg.feature_layers if draft is not None else DraftConfig.for_target(target.cfg.decoder).feature_layers
+    layers = sorted({i % target.cfg.decoder.num_layers for i in layers})
+    graphs = export_target(target, out, layers, opset, fixed_tokens=(1, k + 1))
+    if draft is not None:
+        graphs.update(export_draft(draft, out, opset, fixed_tokens=(1,)))
+    cfg = target.cfg
+    manifest = {
+        "format": FORMAT_VERSION,
+        "opset": opset,
+        "k": k,
+        "dtype": "float32",
+        "exporter": {"torch": torch.__version__},
+        "target": {
+            "source": str((models / "target").resolve()),
+            "fingerprint": fingerprint(models / "target"),
+            "feature_layers": layers,
+            "num_layers": cfg.decoder.num_layers,
+            "num_kv_heads": cfg.decoder.num_kv_heads,
+            "head_dim": cfg.decoder.head_dim,
+            "hidden_size": cfg.decoder.hidden_size,
+            "vocab_size": cfg.decoder.vocab_size,
+            "image_pad_id": cfg.image_pad_id,
+            "horizon": cfg.expert.horizon,
+            "action_dim": cfg.expert.action_dim,
+            "action_mean": target.expert.normalizer.mean.tolist(),
+            "action_std": target.expert.normalizer.std.tolist(),
+        },
+        "draft": None if draft is None else {
+            "source": str(Path(draft_dir).resolve()),
+            "fingerprint": fingerprint(draft_dir),
+            "feature_layers": list(draft.cfg.feature_layers),
+            "num_kv_heads": draft.cfg.num_kv_heads,
+            "head_dim": draft.cfg.head_dim,
+        },
+        "graphs": graphs,
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def load_manifest(models: str | Path, draft_dir: str | Path | None = None, onnx_dir: str | Path | None = None) -> dict:
+    """The manifest of MODELS/onnx, checked against the weights it claims to come from.
+
+    Raises ExportError when the export is missing or incomplete, and StaleExportError when the
+    target (or the draft in `draft_dir`) changed since the export, with the command that fixes it.
+    """
+    models = Path(models)
+    onnx_dir = Path(onnx_dir) if onnx_dir is not None else models / ONNX_DIR
+    command = f"chain-spec-export --models {models}" + (f" --draft {draft_dir}" if draft_dir else "")
+    path = onnx_dir / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"no ONNX export at {onnx_dir} (missing {MANIFEST}); run: {command}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT_VERSION:
+        raise StaleExportError(f"{path} has export format {manifest.get('format')}, this code reads "
+                               f"{FORMAT_VERSION}; re-run: {command}")
+    current = fingerprint(models / "target")
+    if manifest["target"]["fingerprint"] != current:
+        raise StaleExportError(
+            f"stale ONNX export: {onnx_dir} was exported from target weights {manifest['target']['fingerprint'][:12]}, "
+            f"but {models / 'target'} now holds {current[:12]}; re-run: {command}")
+    if draft_dir is not None:
+        if manifest["draft"] is None:
+            raise ExportError(f"the ONNX export at {onnx_dir} has no draft graphs; run: {command}")
+        current = fingerprint(draft_dir)
+        if manifest["draft"]["fingerprint"] != current:
+            raise StaleExportError(
+                f"stale ONNX export: the draft graphs in {onnx_dir} come from draft weights "
+                f"{manifest['draft']['fingerprint'][:12]} ({manifest['draft']['source']}), but {draft_dir} holds "
+                f"{current[:12]}; re-run: {command}")
+    wanted = [g for g in {*GRAPHS, *manifest["graphs"]} if draft_dir is not None or not g.startswith("draft")]
+    missing = [g for g in wanted if not (onnx_dir / manifest["graphs"].get(g, {}).get("file", f"{g}.onnx")).is_file()]
+    if missing or not (onnx_dir / EMBED_TABLE).is_file():
+        raise ExportError(f"incomplete ONNX export at {onnx_dir} (missing {missing or [EMBED_TABLE]}); run: {command}")
+    manifest["dir"] = str(onnx_dir)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..paths import default_models_dir
+
+    parser = argparse.ArgumentParser(prog="chain-spec-export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=str(default_models_dir()), help="models directory (target/ inside)")
+    parser.add_argument("--draft", help="EAGLE draft directory to export too (e.g. MODELS/draft)")
+    parser.add_argument("--out", help="output directory (default MODELS/onnx)")
+    parser.add_argument("--opset", type=int, default=OPSET)
+    parser.add_argument("--k", type=int, default=7, help="draft length: a fixed-size verify graph of k + 1 tokens")
+    args = parser.parse_args(argv)
+    try:
+        manifest = export_models(args.models, args.draft, args.out, args.opset, args.k)
+    except (FileNotFoundError, ValueError) as error:
+        print(f"chain-spec-export: error: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else Path(args.models) / ONNX_DIR
+    for name, graph in manifest["graphs"].items():
+        size = (out / graph["file"]).stat().st_size / 1e6
+        print(f"{name:20s} {graph['file']:25s} {size:7.2f} MB")
+    print(f"manifest: {out / MANIFEST} (feature layers {manifest['target']['feature_layers']}, opset {manifest['opset']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,510 @@
+"""Engines over the exported graphs, and the ONNX Runtime runner that executes them.
+
+`GraphTargetEngine` and `GraphDraftEngine` implement engines/base.py on top of the graphs of
+engines/export.py. They only need a *runner* that executes one graph over preallocated tensors
+bound once (`bind(inputs, outputs)` -> handle, `run(handle)`): ONNX Runtime (`OrtGraph`, here)
+or TensorRT (`TrtGraph`, trt_engine.py, which also puts every step on one CUDA stream and
+replays fixed-shape steps as CUDA graphs through the `_launch` / `_stream_context` hooks).
+
+Memory: each engine owns one KV tensor [layers, 2, 1, kv_heads, S, head_dim] (a key and a value
+view per layer are the graphs' `past_*` inputs) plus, per distinct call shape (prefill P, decode
+1, verify k + 1, ...), a set of input/output buffers bound to the graph once. A step writes its
+few inputs into those buffers, runs, and appends the T new keys/values with one `index_copy_`
+over all layers; `crop` only lowers the valid length. So a decoding step allocates nothing but
+the tensors it returns to the caller (copies: the caller owns them, as with the torch engine).
+
+A step of T tokens runs the fixed-size graph exported for T when there is one (decode: 1,
+verify: k + 1, draft chain step: 1), else the graph with a dynamic token axis (prefill, other
+verify widths); see export.export_target for why.
+
+Buffers are torch tensors on the engine's device (CPU, or CUDA for ONNX Runtime's CUDA /
+TensorRT providers and for TensorRT), handed to the runtime by address. The CUDA paths are
+written for, but not verified on, this project's CPU-only development machines; the GPU check
+(benchmarks/gpu_check.sh) exercises them where a GPU is present.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..models.config import TargetConfig
+from ..models.draft import DraftConfig
+from ..models.expert import integrate_unicycle
+from .base import DraftEngine, TargetEngine, TrajectoryOut
+from .export import EMBED_TABLE, ExportError, fixed_name, hidden_name, load_manifest, new_kv_names, past_names
+
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # the best this machine has
+_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32,
+          torch.uint8: np.uint8, torch.bool: np.bool_}
+
+
+def write_ints(dst: Tensor, values: Iterable[int] | np.ndarray) -> None:
+    """Write host integers into an existing tensor (broadcasting), allocating no tensor on the CPU."""
+    if dst.device.type == "cpu":
+        dst.numpy()[...] = values
+    else:
+        dst.copy_(torch.as_tensor(np.asarray(values), dtype=dst.dtype), non_blocking=True)
+
+
+def caller_copy(t: Tensor) -> Tensor:
+    """A CPU tensor the caller owns (the engine's buffers are overwritten by the next call)."""
+    return t.to("cpu", copy=True)
+
+
+def on_engine_stream(method):
+    """Run an engine method inside the engine's stream context (TensorRT: its one CUDA stream)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._stream_context():
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+@dataclass
+class Call:
+    """One graph at one shape: its bound buffers, and the runner handle that binds them."""
+
+    inputs: dict[str, Tensor]
+    outputs: dict[str, Tensor]
+    handle: object = None
+    extra: dict[str, Tensor] = field(default_factory=dict)  # engine-side buffers (token ids, write index, ...)
+    fixed: bool = False  # the runner can replay this call as a captured CUDA graph
+
+
+class GraphEngineBase:
+    """What the target and draft engines share: the KV tensor, the valid length, the bound calls."""
+
+    max_calls = 32  # bound shapes kept (prefill lengths vary by prompt layout; decode/verify stay)
+
+    def __init__(self, graphs: dict[str, object], device: torch.device, backend: str):
+        self.graphs, self.device, self.backend = graphs, torch.device(device), backend
+        self.fallback_reason: str | None = None
+        self.cache: Tensor | None = None
+        self._length = 0
+        self._calls: dict[tuple, Call] = {}
+        self.past_length = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    # -- cache ------------------------------------------------------------------------------------
+    def _allocate(self, layers: int, kv_heads: int, max_len: int, head_dim: int) -> None:
+        """One zeroed KV tensor for a request of up to max_len tokens; bound calls are dropped
+        because they hold the old addresses. Called by `start` only when the cache must grow."""
+        self.cache = torch.zeros(layers, 2, 1, kv_heads, max_len, head_dim, device=self.device)
+        self._calls.clear()
+
+    def _past(self) -> dict[str, Tensor]:
+        n = self.cache.shape[0]
+        names = past_names(n)
+        return {**{names[i]: self.cache[i, 0] for i in range(n)}, **{names[n + i]: self.cache[i, 1] for i in range(n)}}
+
+    def crop(self, length: int) -> None:
+        if not 0 <= length <= self._length:
+            raise ValueError(f"cannot crop to {length} (valid length {self._length})")
+        self._length = length
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    # -- calls ------------------------------------------------------------------------------------
+    def _call(self, key: tuple, make: Callable[[], Call]) -> Call:
+        call = self._calls.get(key)
+        if call is None:
+            if len(self._calls) >= self.max_calls:  # drop the oldest variable-shape call (prefill of another layout)
+                oldest = next((k for k, c in self._calls.items() if not c.fixed), None)
+                if oldest is not None:
+                    del self._calls[oldest]
+            call = make()
+            graph = self.graphs[key[0]]
+            call.handle = graph.bind(call.inputs, call.outputs)
+            call.fixed = bool(getattr(call.handle, "fixed", False))
+            self._calls[key] = call
+        return call
+
+    def _append_step(self, key: tuple, call: Call, num_new: int, before_run: Callable[[], None] | None = None) -> None:
+        """Run a cache-reading call for `num_new` new tokens after the valid prefix and append its
+        keys/values. `before_run` (device work on the call's buffers, e.g. the embedding gather)
+        belongs to the step, so a CUDA-graph launcher may capture it with the run."""
+        start = self._length
+        if start + num_new > self.cache.shape[4]:
+            raise RuntimeError(f"KV cache overflow: {start + num_new} > {self.cache.shape[4]}")
+        write_ints(self.past_length, [start])
+        write_ints(call.extra["write_index"], np.arange(start, start + num_new))
+        graph = self.graphs[key[0]]
+
+        def step() -> None:
+            if before_run is not None:
+                before_run()
+            graph.run(call.handle)
+            self.cache.index_copy_(4, call.extra["write_index"], call.extra["new_kv"])
+
+        self._launch(key, call, step)
+        self._length = start + num_new
+
+    def _launch(self, key: tuple, call: Call, step: Callable[[], None]) -> None:
+        """Run one step; TensorRT overrides this to capture fixed-shape steps as CUDA graphs."""
+        step()
+
+    def _stream_context(self) -> ContextManager:
+        """Where the engine's device work is queued; TensorRT overrides it with its one stream."""
+        return contextlib.nullcontext()
+
+    def _kv_outputs(self, layers: int, kv_heads: int, tokens: int, head_dim: int) -> tuple[Tensor, dict[str, Tensor]]:
+        new_kv = torch.empty(layers, 2, 1, kv_heads, tokens, head_dim, device=self.device)
+        names = new_kv_names(layers)
+        views = {**{names[i]: new_kv[i, 0] for i in range(layers)}, **{names[layers + i]: new_kv[i, 1] for i in range(layers)}}
+        return new_kv, views
+
+    def _empty(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.empty(*shape, dtype=dtype, device=self.device)
+
+
+class GraphTargetEngine(GraphEngineBase, TargetEngine):
+    """The target over target_vision / target_decoder / target_expert graphs."""
+
+    def __init__(self, graphs: dict[str, object], manifest: dict, config: TargetConfig, feature_layers: Sequence[int],
+                 device: torch.device | str, backend: str):
+        super().__init__(graphs, torch.device(device), backend)
+        spec = manifest["target"]
+        self.manifest, self.config, self.spec = manifest, config, spec
+        n = spec["num_layers"]
+        self.feature_layers = list(feature_layers)
+        exported = spec["feature_layers"]
+        missing = [layer for layer in self.feature_layers if layer % n not in exported]
+        if missing:
+            raise ExportError(f"the draft reads target layers {missing}, but the ONNX export returns only {exported}; "
+                              f"re-export with chain-spec-export --draft DRAFT")
+        self._feature_rows = [exported.index(layer % n) for layer in self.feature_layers]
+        self.embed = torch.from_numpy(np.load(Path(manifest["dir"]) / EMBED_TABLE)).to(self.device)
+        self.action_mean = torch.tensor(spec["action_mean"], dtype=torch.float32, device=self.device)
+        self.action_std = torch.tensor(spec["action_std"], dtype=torch.float32, device=self.device)
+
+    @on_engine_stream
+    def start(self, max_len: int) -> None:
+        s = self.spec
+        if self.cache is None or self.cache.shape[4] < max_len:
+            self._allocate(s["num_layers"], s["num_kv_heads"], max_len, s["head_dim"])
+        self._length = 0
+
+    @on_engine_stream
+    def encode_images(self, images: np.ndarray) -> Tensor:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+
+        def make() -> Call:
+            tokens = self.config.vision.tokens_per_image
+            return Call({"images": self._empty(*images.shape, dtype=torch.uint8)},
+                        {"image_embeds": self._empty(images.shape[0], tokens, self.spec["hidden_size"])})
+
+        call = self._call(("target_vision", images.shape), make)
+        call.inputs["images"].copy_(torch.from_numpy(images))
+        self.graphs["target_vision"].run(call.handle)
+        return caller_copy(call.outputs["image_embeds"])
+
+    def _decoder_call(self, tokens: int, logit_rows: int) -> tuple[tuple, Call]:
+        s = self.spec
+        key = (step_graph(self.graphs, "target_decoder", tokens if logit_rows == tokens else None), tokens, logit_rows)
+
+        def make() -> Call:
+            d, exported = s["hidden_size"], s["feature_layers"]
+            hidden = self._empty(len(exported), 1, tokens, d)
+            new_kv, kv_views = self._kv_outputs(s["num_layers"], s["num_kv_heads"], tokens, s["head_dim"])
+            logit_index = self._empty(logit_rows, dtype=torch.long)
+            write_ints(logit_index, np.arange(tokens - logit_rows, tokens))
+            inputs = {"inputs_embeds": self._empty(1, tokens, d), "positions": self._empty(3, tokens, dtype=torch.long),
+                      "past_length": self.past_length, "logit_index": logit_index, **self._past()}
+            outputs = {"logits": self._empty(1, logit_rows, s["vocab_size"]),
+                       **{hidden_name(layer): hidden[j] for j, layer in enumerate(exported)}, **kv_views}
+            return Call(inputs, outputs, extra={"hidden": hidden, "new_kv": new_kv,
+                                                "ids": self._empty(tokens, dtype=torch.long),
+                                                "write_index": self._empty(tokens, dtype=torch.long)})
+
+        return key, self._call(key, make)
+
+    def _features(self, call: Call) -> list[Tensor]:
+        return [caller_copy(call.extra["hidden"][row]) for row in self._feature_rows]
+
+    @on_engine_stream
+    def prefill(self, input_ids: np.ndarray, image_embeds: Tensor | None, positions: Tensor) -> tuple[Tensor, list[Tensor]]:
+        key, call = self._decoder_call(len(input_ids), 1)
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
+        embeds = call.inputs["inputs_embeds"][0]
+        torch.index_select(self.embed, 0, ids, out=embeds)
+        splice_image_embeds(embeds, ids == self.config.image_pad_id, image_embeds)
+        call.inputs["positions"].copy_(positions)
+        self._append_step(key, call, len(input_ids))
+        return caller_copy(call.outputs["logits"][0, -1]), self._features(call)
+
+    @on_engine_stream
+    def decode(self, tokens: list[int], rope_delta: int) -> tuple[Tensor, list[Tensor]]:
+        key, call = self._decoder_call(len(tokens), len(tokens))
+        write_ints(call.extra["ids"], tokens)
+        first = self._length + rope_delta
+        write_ints(call.inputs["positions"], np.arange(first, first + len(tokens)))
+        embeds = call.inputs["inputs_embeds"][0]
+        self._append_step(key, call, len(tokens),
+                          before_run=lambda: torch.index_select(self.embed, 0, call.extra["ids"], out=embeds))
+        return caller_copy(call.outputs["logits"][0]), self._features(call)
+
+    @on_engine_stream
+    def trajectory(self, rope_delta: int, speed: float, steps: int | None, seed: int) -> TrajectoryOut:
+        """Euler integration of the expert's flow, as `TrajectoryExpert.sample` does it: the same
+        noise (a torch generator seeded on the engine's device), t = i / steps, x += v / steps."""
+        s, e = self.spec, self.config.expert
+        steps = steps or e.euler_steps
+
+        def make() -> Call:
+            inputs = {"actions": self._empty(1, s["horizon"], s["action_dim"]), "flow_time": self._empty(1),
+                      "valid_length": self._empty(1, dtype=torch.long), "rope_delta": self._empty(1, dtype=torch.long),
+                      **self._past()}
+            return Call(inputs, {"velocity": self._empty(1, s["horizon"], s["action_dim"])})
+
+        key = ("target_expert",)
+        call = self._call(key, make)
+        write_ints(call.inputs["valid_length"], [self._length])
+        write_ints(call.inputs["rope_delta"], [rope_delta])
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        x = torch.randn(1, s["horizon"], s["action_dim"], generator=generator, device=self.device)
+        for i in range(steps):
+            call.inputs["actions"].copy_(x)
+            call.inputs["flow_time"].fill_(i / steps)
+            self._launch(key, call, lambda: self.graphs["target_expert"].run(call.handle))
+            x = x + call.outputs["velocity"] / steps
+        actions = x * self.action_std + self.action_mean
+        accel, curvature = actions[..., 0], actions[..., 1]
+        px, py, _, _ = integrate_unicycle(accel, curvature, float(speed))
+        return TrajectoryOut(torch.stack([px[0], py[0]], -1).cpu().numpy(),
+                             torch.stack([accel[0], curvature[0]], -1).cpu().numpy())
+
+
+def step_graph(graphs: dict[str, object], name: str, tokens: int | None) -> str:
+    """The fixed-size variant of a step graph for this many tokens when one was exported (and
+    loaded), else the graph with a dynamic token axis."""
+    fixed = fixed_name(name, tokens) if tokens is not None else None
+    return fixed if fixed in graphs else name
+
+
+def splice_image_embeds(embeds: Tensor, is_pad: Tensor, image_embeds: Tensor | None) -> None:
+    """Overwrite the `<|image_pad|>` rows of embeds [T, D], in order, with the image tokens
+    (what `TargetVLA.build_inputs_embeds` does with masked_scatter), in place."""
+    count = int(is_pad.sum())
+    if image_embeds is None:
+        if count:
+            raise ValueError("prompt has image pads but no image embeddings were given")
+        return
+    flat = image_embeds.reshape(-1, embeds.shape[-1])
+    if count != flat.shape[0]:
+        raise ValueError(f"{count} image pad tokens but {flat.shape[0]} image embeddings")
+    embeds[is_pad] = flat.to(device=embeds.device, dtype=embeds.dtype)
+
+
+class GraphDraftEngine(GraphEngineBase, DraftEngine):
+    """The EAGLE draft over draft_step / draft_fuse graphs."""
+
+    def __init__(self, graphs: dict[str, object], manifest: dict, config: DraftConfig, device: torch.device | str,
+                 backend: str):
+        super().__init__(graphs, torch.device(device), backend)
+        self.manifest, self.config = manifest, config
+
+    @on_engine_stream
+    def start(self, max_len: int) -> None:
+        c = self.config
+        if self.cache is None or self.cache.shape[4] < max_len:
+            self._allocate(1, c.num_kv_heads, max_len, c.head_dim)
+        self._length = 0
+
+    @on_engine_stream
+    def fuse(self, features: list[Tensor]) -> Tensor:
+        tokens, d = features[0].shape[1], self.config.hidden_size
+        names = [f"feature_{j}" for j in range(len(features))]
+        call = self._call(("draft_fuse", tokens), lambda: Call({n: self._empty(1, tokens, d) for n in names},
+                                                               {"fused": self._empty(1, tokens, d)}))
+        for name, f in zip(names, features):
+            call.inputs[name].copy_(f)
+        self.graphs["draft_fuse"].run(call.handle)
+        return call.outputs["fused"].clone()
+
+    @on_engine_stream
+    def step(self, tokens: list[int], features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        c, t = self.config, len(tokens)
+
+        def make() -> Call:
+            new_kv, kv_views = self._kv_outputs(1, c.num_kv_heads, t, c.head_dim)
+            inputs = {"token_ids": self._empty(1, t, dtype=torch.long), "features": self._empty(1, t, c.hidden_size),
+                      "positions": self._empty(3, t, dtype=torch.long), "past_length": self.past_length, **self._past()}
+            outputs = {"hidden": self._empty(1, t, c.hidden_size), "logits": self._empty(1, self.manifest["target"]["vocab_size"]),
+                       **kv_views}
+            return Call(inputs, outputs, extra={"new_kv": new_kv, "write_index": self._empty(t, dtype=torch.long)})
+
+        key = (step_graph(self.graphs, "draft_step", t), t)
+        call = self._call(key, make)
+        write_ints(call.inputs["token_ids"], tokens)
+        call.inputs["features"].copy_(features)
+        call.inputs["positions"].copy_(positions)
+        self._append_step(key, call, t)
+        return call.outputs["hidden"].clone(), caller_copy(call.outputs["logits"][0])
+
+
+# --- ONNX Runtime ----------------------------------------------------------------------------------
+
+@dataclass
+class OrtOptions:
+    """How ONNX Runtime runs (node / benchmark configuration).
+
+    providers: in order of preference; None = CUDA when this onnxruntime build and torch can use
+    it, else CPU. An explicitly requested provider that is missing is dropped and reported as the
+    engine's `fallback_reason`. intra_op_threads: 0 = torch.get_num_threads(), so one --threads
+    setting governs both backends. fp16 applies to the TensorRT provider only.
+    """
+
+    providers: Sequence[str] | None = None
+    intra_op_threads: int = 0
+    allow_spinning: bool = True
+    fp16: bool = False
+    trt_cache_dir: str | None = None  # default MODELS/onnx/ort_trt_cache
+
+
+class OrtGraph:
+    """One ONNX Runtime session, run with IO binding over caller-owned torch tensors: inputs are
+    read and outputs written in place, so a bound call copies and allocates nothing."""
+
+    def __init__(self, path: str | Path, session_options, providers: list, device: torch.device):
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(str(path), session_options, providers=providers)
+        self.device = device
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def bind(self, inputs: dict[str, Tensor], outputs: dict[str, Tensor]):
+        binding = self.session.io_binding()
+        kind, index = self.device.type, self.device.index or 0
+        for names, tensors, bind in ((self.input_names, inputs, binding.bind_input),
+                                     (self.output_names, outputs, binding.bind_output)):
+            for name in names:
+                t = tensors[name]
+                assert t.is_contiguous() and t.device == self.device, name
+                bind(name, kind, index, _NUMPY[t.dtype], tuple(t.shape), t.data_ptr())
+        return binding
+
+    def run(self, binding) -> None:
+        if self.device.type == "cuda":  # inputs were written by torch on its current stream
+            torch.cuda.current_stream(self.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        if self.device.type == "cuda":
+            binding.synchronize_outputs()
+
+
+def ort_unavailable_reason() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as error:
+        return f"onnxruntime is not importable ({error})"
+    return None
+
+
+def resolve_providers(options: OrtOptions, onnx_dir: Path) -> tuple[list, torch.device, str | None]:
+    """(providers with their options, the device of the engines' buffers, why a requested
+    provider was dropped or None)."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = list(options.providers or DEFAULT_PROVIDERS)
+    chosen, dropped = [], []
+    for name in wanted:
+        if name not in available:
+            dropped.append(f"{name} is not in this onnxruntime build (it has {', '.join(available)})")
+        elif name in GPU_PROVIDERS and not torch.cuda.is_available():
+            dropped.append(f"{name} needs a CUDA device, and torch sees none")
+        elif name not in chosen:
+            chosen.append(name)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    device = torch.device("cuda", 0) if chosen[0] in GPU_PROVIDERS else torch.device("cpu")
+    if device.type == "cuda" and hasattr(ort, "preload_dlls"):  # CUDA/cuDNN from the nvidia-* wheels torch uses
+        try:
+            ort.preload_dlls()
+        except Exception:  # noqa: BLE001 - missing libraries show up as ProviderInitError below
+            pass
+    cache = str(options.trt_cache_dir or onnx_dir / "ort_trt_cache")
+    provider_options = {
+        "TensorrtExecutionProvider": {"device_id": 0, "trt_fp16_enable": options.fp16, "trt_engine_cache_enable": True,
+                                      "trt_engine_cache_path": cache, "trt_timing_cache_enable": True},
+        "CUDAExecutionProvider": {"device_id": 0, "use_tf32": 0},  # true fp32, as the torch reference
+        "CPUExecutionProvider": {},
+    }
+    providers = [(name, provider_options[name]) for name in chosen]
+    reason = None
+    if options.providers is not None and dropped:
+        reason = "; ".join(dropped) + f"; running on {chosen[0]}"
+    return providers, device, reason
+
+
+def session_options(options: OrtOptions):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads or torch.get_num_threads()
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if options.allow_spinning else "0")
+    so.log_severity_level = 3
+    return so
+
+
+class ProviderInitError(RuntimeError):
+    """A GPU execution provider is listed by onnxruntime but did not load (e.g. CUDA or cuDNN
+    libraries missing): ONNX Runtime would silently run the graph on the CPU instead."""
+
+
+def load_ort_engines(models: str | Path, draft_dir: str | Path | None = None, options: OrtOptions | None = None
+                     ) -> tuple[GraphTargetEngine, GraphDraftEngine | None]:
+    """ONNX Runtime engines on MODELS/onnx, checked against the weights (engines/export.py)."""
+    models, options = Path(models), options or OrtOptions()
+    manifest = load_manifest(models, draft_dir)
+    try:
+        return _load_ort_engines(models, draft_dir, options, manifest)
+    except ProviderInitError as error:
+        target, draft = _load_ort_engines(models, draft_dir, OrtOptions(**{**vars(options), "providers": ["CPUExecutionProvider"]}),
+                                          manifest)
+        for engine in (target, draft):
+            if engine is not None:
+                engine.fallback_reason = f"{error}; running on CPUExecutionProvider"
+        return target, draft
+
+
+def _load_ort_engines(models: Path, draft_dir, options: OrtOptions, manifest: dict
+                      ) -> tuple[GraphTargetEngine, GraphDraftEngine | None]:
+    onnx_dir = Path(manifest["dir"])
+    providers, device, reason = resolve_providers(options, onnx_dir)
+    so = session_options(options)
+
+    def graphs(*names: str) -> dict[str, OrtGraph]:
+        loaded = {name: OrtGraph(onnx_dir / manifest["graphs"][name]["file"], so, providers, device) for name in names}
+        for graph in loaded.values():
+            if device.type == "cuda" and graph.session.get_providers()[0] not in GPU_PROVIDERS:
+                raise ProviderInitError(f"{providers[0][0]} did not initialise (CUDA/cuDNN libraries missing?)")
+        return loaded
+
+    config = TargetConfig.load(models / "target" / "config.json")
+    draft_config = DraftConfig.load(Path(draft_dir) / "config.json") if draft_dir is not None else None
+    layers = list(draft_config.feature_layers) if draft_config is not None else []
+    names = list(manifest["graphs"])  # the core graphs and their fixed-size variants
+    target = GraphTargetEngine(graphs(*[n for n in names if n.startswith("target_")]), manifest, config, layers,
+                               device, "onnxruntime")
+    draft = None
+    if draft_config is not None:
+        draft = GraphDraftEngine(graphs(*[n for n in names if n.startswith("draft_")]), manifest, draft_config, device,
+                                 "onnxruntime")
+    for engine in (target, draft):
+        if engine is not None:
+            engine.providers = [name for name, _ in providers]
+            engine.fallback_reason = reason
+    return target, draft

@@ -1,0 +1,369 @@
+"""Every backend behind the engine interface computes what the PyTorch reference computes.
+
+A tiny random target + EAGLE draft is saved to a temporary models directory and exported with
+`chain-spec-export`; each available backend (ONNX Runtime on CPU always; ONNX Runtime CUDA and
+TensorRT where the machine has them) is compared with the torch engine on the same device:
+logits (fp32) within 1e-3 for prefill, decode, and a k+1 verify after a rollback; features;
+the expert's trajectory within 1e-3; the draft's hidden states and logits; and the greedy CoC
+from the Planner, target-only and speculative, token for token.
+"""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from chain_spec_ros.drafters import EagleDrafter
+from chain_spec_ros.engines import export
+from chain_spec_ros.engines.factory import build_engines
+from chain_spec_ros.engines.ort_engine import GraphTargetEngine
+from chain_spec_ros.models.config import DecoderConfig, ExpertConfig, TargetConfig, VisionConfig
+from chain_spec_ros.models.draft import DraftConfig, EagleDraft
+from chain_spec_ros.models.target import TargetVLA
+from chain_spec_ros.models.tokenizer import ChainTokenizer
+from chain_spec_ros.paths import default_tokenizer_path
+from chain_spec_ros.planner import Planner
+from chain_spec_ros.prompt import PromptBuilder
+
+TOL = 1e-3
+MAX_NEW = 40  # planner.MAX_COC_TOKENS is 64; a random model rarely stops earlier
+
+
+def _tensorrt_skip_reason() -> str | None:
+    from chain_spec_ros.engines.trt_engine import trt_unavailable_reason
+
+    reason = trt_unavailable_reason()
+    return None if reason is None else f"{reason} (TensorRT does not install on the CPU development and CI machines)"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("models")
+    tok = ChainTokenizer.load(default_tokenizer_path())
+    shutil.copy(default_tokenizer_path(), root / "tokenizer.json")
+    cfg = TargetConfig(
+        decoder=DecoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                              head_dim=16, intermediate_size=128, max_positions=400),
+        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+        expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
+        image_pad_id=tok.id("<|image_pad|>"))
+    target = TargetVLA(cfg).eval()
+    with torch.no_grad():  # CoCs of varied length (some stop inside a drafted block); non-trivial action scale
+        target.decoder.lm_head.weight[tok.id("<|cot_end|>")] *= 1.8
+        target.expert.normalizer.mean.copy_(torch.tensor([0.3, -0.01]))
+        target.expert.normalizer.std.copy_(torch.tensor([1.5, 0.02]))
+    target.save_pretrained(root / "target")
+    draft = EagleDraft(DraftConfig.for_target(cfg.decoder), target.decoder.embed_tokens, target.decoder.lm_head)
+    draft.save_pretrained(root / "draft")
+    assert export.main(["--models", str(root), "--draft", str(root / "draft")]) == 0  # the CLI, as a user runs it
+    return root
+
+
+def _backends():
+    """(backend, build_engines keyword arguments) of every non-torch backend this machine has."""
+    import onnxruntime as ort
+
+    found = [pytest.param(("onnxruntime", {"providers": ["CPUExecutionProvider"], "threads": 1}), id="ort-cpu")]
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        found.append(pytest.param(("onnxruntime", {"providers": ["CUDAExecutionProvider"]}), id="ort-cuda"))
+    found.append(pytest.param(("tensorrt", {}), id="tensorrt",
+                              marks=pytest.mark.skipif(_tensorrt_skip_reason() is not None,
+                                                       reason=str(_tensorrt_skip_reason()))))
+    return found
+
+
+@pytest.fixture(scope="module", params=_backends())
+def pair(request, models):
+    """(engines under test, torch reference engines on the same device)."""
+    backend, kwargs = request.param
+    if backend == "tensorrt":
+        from chain_spec_ros.engines.build import build_all
+
+        build_all(models, fp16=False)  # fp32 engines: the 1e-3 parity bound holds for fp32 only
+    engines = build_engines(models, backend, models / "draft", **kwargs)
+    assert engines[0].backend == backend and engines[0].fallback_reason is None
+    reference = build_engines(models, "torch", models / "draft", device=engines[0].device.type)
+    return engines, reference
+
+
+@pytest.fixture(scope="module")
+def builder(models):
+    tok = ChainTokenizer.load(models / "tokenizer.json")
+    return PromptBuilder(tok, *TargetConfig.load(models / "target" / "config.json").vision.grid)
+
+
+def _prompt(builder, seed):
+    rng = np.random.default_rng(seed)
+    return builder.build(rng.integers(0, 255, size=(2, 4, 48, 96, 3), dtype=np.uint8), rng.integers(0, 1000, size=48))
+
+
+def _diff(a, b) -> float:
+    if isinstance(a, list):
+        return max(_diff(x, y) for x, y in zip(a, b))
+    return float((a.detach().cpu() - b.detach().cpu()).abs().max())
+
+
+def _target_trace(engine, prompt):
+    """Vision, prefill, two decodes, a 6-token verify, a rollback and another verify."""
+    engine.start(len(prompt) + 64)
+    out = {"vision": engine.encode_images(prompt.images)}
+    out["prefill"] = engine.prefill(prompt.input_ids, out["vision"], prompt.mrope_positions)
+    out["decode1"] = engine.decode([int(out["prefill"][0].argmax())], prompt.rope_delta)
+    out["decode2"] = engine.decode([17], prompt.rope_delta)
+    out["verify"] = engine.decode([21, 22, 23, 24, 25, 26], prompt.rope_delta)
+    engine.crop(len(prompt) + 3)  # keep 1 of the 6 verified tokens
+    out["verify_after_rollback"] = engine.decode([31, 32, 33, 34, 35, 36], prompt.rope_delta)
+    out["length"] = engine.length
+    return out
+
+
+def test_export_writes_checked_graphs_and_manifest(models):
+    import onnx
+
+    manifest = json.loads((models / "onnx" / "manifest.json").read_text())
+    assert set(manifest["graphs"]) == {*export.GRAPHS, "target_decoder_t1", "target_decoder_t8", "draft_step_t1"}
+    assert manifest["target"]["feature_layers"] == [1, 2]  # the draft's [1, 1, 2], one output per layer
+    assert manifest["target"]["fingerprint"] == export.fingerprint(models / "target")
+    assert manifest["draft"]["fingerprint"] == export.fingerprint(models / "draft")
+    decoder = manifest["graphs"]["target_decoder"]
+    assert decoder["inputs"]["positions"]["shape"] == [3, "tokens"]
+    assert decoder["inputs"]["past_key_0"]["shape"] == [1, 2, "cache_len", 16]
+    assert decoder["outputs"]["new_value_2"]["shape"] == [1, 2, "tokens", 16]
+    assert manifest["graphs"]["draft_step"]["inputs"]["positions"]["shape"] == [3, "tokens"]
+    for graph in manifest["graphs"].values():
+        onnx.checker.check_model(str(models / "onnx" / graph["file"]))
+
+
+@pytest.mark.parametrize("mask", ["none", "causal", "keys"])
+def test_export_attention_equals_sdpa(mask):
+    """The attention the graphs are exported with is SDPA's maths, grouped-query included."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    attn_mask = {"none": None, "causal": export.cache_mask(torch.tensor([4]), 5, 4),
+                 "keys": (torch.arange(9) < 6)[None, None, None]}[mask]
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+    assert torch.allclose(export.grouped_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True), want, atol=1e-6)
+
+
+def test_target_logits_and_features_match_torch(pair, builder):
+    (engine, _), (reference, _) = pair
+    for seed in (0, 1):
+        prompt = _prompt(builder, seed)
+        got, want = _target_trace(engine, prompt), _target_trace(reference, prompt)
+        assert got["length"] == want["length"] == len(prompt) + 9
+        assert _diff(got["vision"], want["vision"]) < TOL
+        for stage in ("prefill", "decode1", "decode2", "verify", "verify_after_rollback"):
+            (logits, features), (ref_logits, ref_features) = got[stage], want[stage]
+            assert logits.shape == ref_logits.shape, stage
+            assert _diff(logits, ref_logits) < TOL, stage
+            assert len(features) == len(ref_features) == 3 and _diff(features, ref_features) < TOL, stage
+
+
+@pytest.mark.parametrize("steps", [None, 5])
+def test_trajectory_matches_torch(pair, builder, steps):
+    (engine, _), (reference, _) = pair
+    prompt = _prompt(builder, 2)
+    for e in (engine, reference):
+        _target_trace(e, prompt)
+    got = engine.trajectory(prompt.rope_delta, 7.5, steps, seed=11)
+    want = reference.trajectory(prompt.rope_delta, 7.5, steps, seed=11)
+    assert np.abs(got.xy - want.xy).max() < TOL
+    assert np.abs(got.controls - want.controls).max() < TOL
+
+
+@pytest.mark.parametrize("mode", ["flat", "mrope"])
+def test_draft_hidden_and_logits_match_torch(pair, builder, mode):
+    """Prompt pass, a chain of 1-token steps, a rollback, an accept; FlatRoPE or the target's
+    3-D positions (the graph takes positions [3, T] either way)."""
+    (target, draft), (ref_target, ref_draft) = pair
+    prompt = _prompt(builder, 3)
+    runs = []
+    for t, d in ((target, draft), (ref_target, ref_draft)):
+        out = _target_trace(t, prompt)
+        d.start(len(prompt) + 64)
+        fused = d.fuse(out["prefill"][1])
+        pending = prompt.input_ids[1:].tolist() + [5]
+        trace = [fused, *d.step(pending, fused, prompt.positions(0, len(pending), mode))]
+        hidden = trace[-2][:, -1:]
+        committed = d.length
+        for j in range(3):  # a chain of single-token steps fed with the draft's own hidden state
+            hidden, logits = d.step([40 + j], hidden, prompt.positions(committed + j, 1, mode))
+            trace += [hidden, logits]
+        d.crop(committed)  # reject the chain; accept two tokens with the target's features
+        fused = d.fuse([f[:, :2] for f in out["verify"][1]])
+        trace += [fused, *d.step([40, 9], fused, prompt.positions(committed, 2, mode)), d.length]
+        runs.append(trace)
+    got, want = runs
+    assert got[-1] == want[-1] == len(prompt) + 2
+    for a, b in zip(got[:-1], want[:-1]):
+        assert a.shape == b.shape and _diff(a, b) < TOL
+
+
+class _OracleDrafter:
+    """Proposes the true greedy continuation with random corruptions: verify passes of every
+    acceptance length, rollbacks at every depth, stops inside a drafted block."""
+
+    feature_layers: list = []
+
+    def __init__(self, truth, stop_id, seed):
+        self.truth = truth + [stop_id] + [5] * 20
+        self.rng = np.random.default_rng(seed)
+
+    def start(self, max_len):
+        pass
+
+    def begin(self, prompt, features, first_token):
+        self.position = 1
+
+    def propose(self, k, temperature, generator=None):
+        drafts = list(self.truth[self.position:self.position + k])
+        return [int(self.rng.integers(0, 1000)) if self.rng.random() < 0.2 else t for t in drafts], None
+
+    def accept(self, num_accepted, next_token, features):
+        self.position += num_accepted + 1
+
+
+def test_planner_greedy_coc_is_identical(pair, builder, monkeypatch):
+    """Target-only and speculative (EAGLE draft, and an oracle draft that gets long acceptances)
+    CoCs equal the torch engine's, token for token; the trajectories agree within 1e-3."""
+    import chain_spec_ros.planner as planner_module
+
+    monkeypatch.setattr(planner_module, "MAX_COC_TOKENS", MAX_NEW)
+    (target, draft), (ref_target, ref_draft) = pair
+    stats, lengths = [], []
+    for seed in range(4):
+        prompt_seed = 100 + seed
+        rng = np.random.default_rng(prompt_seed)
+        images = rng.integers(0, 255, size=(2, 4, 48, 96, 3), dtype=np.uint8)
+        history = rng.integers(0, 1000, size=48)
+        results = {}
+        for name, t, d in (("engine", target, draft), ("torch", ref_target, ref_draft)):
+            plain = Planner(t, builder).plan(images, history, 6.0)
+            eagle = Planner(t, builder, EagleDrafter(d), k=5).plan(images, history, 6.0)
+            oracle = Planner(t, builder, _OracleDrafter(plain.coc_ids, builder.cot_end_id, seed), k=7).plan(images, history, 6.0)
+            assert eagle.coc_ids == plain.coc_ids == oracle.coc_ids
+            results[name] = (plain, eagle, oracle)
+            stats.append(oracle.stats["tau"])
+            lengths.append(len(plain.coc_ids))
+        for got, want in zip(results["engine"], results["torch"]):
+            assert got.coc_ids == want.coc_ids
+            assert np.abs(got.trajectory_xy - want.trajectory_xy).max() < TOL
+    assert max(stats) > 2.0  # the oracle's verify passes accepted several drafts at once
+
+
+def test_decoding_steps_reuse_preallocated_buffers(pair, builder):
+    (engine, draft), _ = pair
+    assert isinstance(engine, GraphTargetEngine)
+    prompt = _prompt(builder, 4)
+    engine.start(len(prompt) + 64)
+    cache = engine.cache.data_ptr()
+    engine.prefill(prompt.input_ids, engine.encode_images(prompt.images), prompt.mrope_positions)
+    logits, _ = engine.decode([7], prompt.rope_delta)
+    engine.decode([7, 8, 9], prompt.rope_delta)
+    calls = dict(engine._calls)
+    if engine.backend == "onnxruntime":  # decode runs the fixed 1-token graph, a 3-token verify the dynamic one
+        assert {("target_decoder_t1", 1, 1), ("target_decoder", 3, 3)} <= calls.keys()
+    buffers = {key: call.outputs["logits"].data_ptr() for key, call in calls.items() if key[0] == "target_decoder"}
+    for _ in range(5):
+        returned, _ = engine.decode([7], prompt.rope_delta)
+        engine.decode([7, 8, 9], prompt.rope_delta)
+        engine.crop(engine.length - 2)
+    assert engine.cache.data_ptr() == cache  # appended in place, rolled back without a copy
+    assert engine._calls.keys() == calls.keys()  # no new binding per step
+    assert {key: calls[key].outputs["logits"].data_ptr() for key in buffers} == buffers
+    assert returned.data_ptr() not in buffers.values()  # the caller owns what it gets
+    engine.start(len(prompt) + 32)  # a smaller request reuses the same buffer
+    assert engine.cache.data_ptr() == cache
+    draft.start(len(prompt) + 64)
+    cache = draft.cache.data_ptr()
+    hidden = torch.zeros(1, 1, draft.config.hidden_size)
+    for j in range(4):
+        hidden, _ = draft.step([j], hidden, prompt.positions(j, 1, "flat"))
+    draft.crop(1)
+    assert draft.cache.data_ptr() == cache and draft.length == 1
+
+
+def test_tensorrt_profiles_cover_every_graph_input(models):
+    """The build's optimisation profiles (pure Python; the build itself needs TensorRT) match the
+    exported graphs, and each planner call shape selects the profile meant for it."""
+    from chain_spec_ros.engines.build import profiles
+    from chain_spec_ros.engines.trt_engine import choose_profile
+
+    manifest = export.load_manifest(models, models / "draft")
+    config = TargetConfig.load(models / "target" / "config.json")
+    built = profiles(manifest, config, cache_len=400, k=7, max_images=32, prefill_opt=256)
+    assert set(built) == set(export.GRAPHS)
+    for name, graph_profiles in built.items():
+        inputs = manifest["graphs"][name]["inputs"]
+        for profile in graph_profiles:
+            assert set(profile) == set(inputs), name
+            for input_name, (low, opt, high) in profile.items():
+                dims = inputs[input_name]["shape"]
+                assert len(low) == len(opt) == len(high) == len(dims), (name, input_name)
+                assert all(a <= b <= c for a, b, c in zip(low, opt, high))
+                assert all(isinstance(d, str) or a == c == d for d, a, c in zip(dims, low, high)), (name, input_name)
+
+    def shapes(tokens, rows):
+        return {name: (1, tokens, 64) if name == "inputs_embeds" else (3, tokens) if name == "positions" else
+                (rows,) if name == "logit_index" else low for name, (low, _, _) in built["target_decoder"][0].items()}
+
+    decoder = built["target_decoder"]
+    assert choose_profile(decoder, shapes(249, 1)) == (0, False)  # prefill
+    assert choose_profile(decoder, shapes(1, 1)) == (1, True)  # decode: a CUDA graph
+    assert choose_profile(decoder, shapes(8, 8)) == (2, True)  # verify k + 1: a CUDA graph
+    assert choose_profile(decoder, shapes(5, 5)) == (0, False)  # a shorter verify: the dynamic profile
+    assert choose_profile(decoder, shapes(401, 1))[0] is None  # longer than the cache
+
+
+def _copy_models(models, tmp_path):
+    copy = tmp_path / "models"
+    shutil.copytree(models, copy)
+    return copy
+
+
+def test_stale_or_missing_export_is_reported(models, tmp_path):
+    copy = _copy_models(models, tmp_path)
+    target = TargetVLA.from_pretrained(copy / "target")
+    with torch.no_grad():
+        target.decoder.norm.weight.add_(0.1)
+    target.save_pretrained(copy / "target")
+    with pytest.raises(export.StaleExportError, match="stale ONNX export.*re-run: chain-spec-export --models"):
+        build_engines(copy, "onnxruntime", copy / "draft")
+    shutil.rmtree(copy / "onnx")
+    with pytest.raises(export.ExportError, match="no ONNX export .* run: chain-spec-export"):
+        build_engines(copy, "onnxruntime")
+
+
+def test_stale_draft_export_is_reported(models, tmp_path):
+    copy = _copy_models(models, tmp_path)
+    target = TargetVLA.from_pretrained(copy / "target")
+    draft = EagleDraft.from_pretrained(copy / "draft", target.decoder.embed_tokens, target.decoder.lm_head)
+    with torch.no_grad():
+        draft.fuse.weight.mul_(2.0)
+    draft.save_pretrained(copy / "draft")
+    build_engines(copy, "onnxruntime")  # the target alone is still current
+    with pytest.raises(export.StaleExportError, match="draft graphs .* re-run: chain-spec-export .* --draft"):
+        build_engines(copy, "onnxruntime", copy / "draft")
+
+
+@pytest.mark.skipif(_tensorrt_skip_reason() is None, reason="tensorrt is installed here: nothing to fall back from")
+def test_tensorrt_falls_back_to_onnxruntime_and_says_why(models):
+    target, draft = build_engines(models, "tensorrt", models / "draft", threads=1)
+    assert target.backend == draft.backend == "onnxruntime"
+    assert "tensorrt backend unavailable" in target.fallback_reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the provider may not be missing")
+def test_missing_execution_provider_falls_back_to_cpu(models):
+    target, _ = build_engines(models, "onnxruntime", providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert target.backend == "onnxruntime" and target.providers == ["CPUExecutionProvider"]
+    assert "CUDAExecutionProvider" in target.fallback_reason and "CPUExecutionProvider" in target.fallback_reason
+    target, _ = build_engines(models, "onnxruntime")  # the default asks for nothing in particular
+    assert target.fallback_reason is None
+
+
+def test_unknown_backend_is_rejected(models):
+    with pytest.raises(ValueError, match="unknown backend"):
+        build_engines(models, "tvm")
