@@ -7,7 +7,7 @@ import torch
 
 from chain_spec_ros.drafters import EagleDrafter
 from chain_spec_ros.engines.torch_engine import TorchDraftEngine
-from chain_spec_ros.models.config import DecoderConfig, ExpertConfig, TargetConfig, VisionConfig
+from chain_spec_ros.models.config import TargetConfig
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
 from chain_spec_ros.models.target import TargetVLA
 from chain_spec_ros.models.tokenizer import ChainTokenizer
@@ -20,12 +20,7 @@ from chain_spec_ros.training.draft import target_features, ttt_loss, ttt_rollout
 def pair():
     torch.manual_seed(1)
     tok = ChainTokenizer.load(default_tokenizer_path())
-    cfg = TargetConfig(
-        decoder=DecoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                              head_dim=16, intermediate_size=128, max_positions=400),
-        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
-        image_pad_id=tok.id("<|image_pad|>"))
+    cfg = TargetConfig.tiny(tok.vocab_size, tok.id("<|image_pad|>"))
     target = TargetVLA(cfg).eval()
     return target, PromptBuilder(tok, *cfg.vision.grid)
 

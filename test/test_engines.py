@@ -18,7 +18,7 @@ from chain_spec_ros.drafters import EagleDrafter
 from chain_spec_ros.engines import export
 from chain_spec_ros.engines.factory import build_engines
 from chain_spec_ros.engines.ort_engine import GraphTargetEngine
-from chain_spec_ros.models.config import DecoderConfig, ExpertConfig, TargetConfig, VisionConfig
+from chain_spec_ros.models.config import TargetConfig
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
 from chain_spec_ros.models.target import TargetVLA
 from chain_spec_ros.models.tokenizer import ChainTokenizer
@@ -43,12 +43,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tok = ChainTokenizer.load(default_tokenizer_path())
     shutil.copy(default_tokenizer_path(), root / "tokenizer.json")
-    cfg = TargetConfig(
-        decoder=DecoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                              head_dim=16, intermediate_size=128, max_positions=400),
-        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
-        image_pad_id=tok.id("<|image_pad|>"))
+    cfg = TargetConfig.tiny(tok.vocab_size, tok.id("<|image_pad|>"))
     target = TargetVLA(cfg).eval()
     with torch.no_grad():  # CoCs of varied length (some stop inside a drafted block); non-trivial action scale
         target.decoder.lm_head.weight[tok.id("<|cot_end|>")] *= 1.8

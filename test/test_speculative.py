@@ -5,7 +5,7 @@ import torch
 
 from chain_spec_ros.drafters import EagleDrafter, NgramDrafter
 from chain_spec_ros.engines.torch_engine import TorchDraftEngine, TorchTargetEngine
-from chain_spec_ros.models.config import DecoderConfig, ExpertConfig, TargetConfig, VisionConfig
+from chain_spec_ros.models.config import TargetConfig
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
 from chain_spec_ros.models.target import TargetVLA
 from chain_spec_ros.models.tokenizer import ChainTokenizer
@@ -21,12 +21,7 @@ MAX_NEW = 40
 def setup():
     torch.manual_seed(0)
     tok = ChainTokenizer.load(default_tokenizer_path())
-    cfg = TargetConfig(
-        decoder=DecoderConfig(vocab_size=tok.vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
-                              head_dim=16, intermediate_size=128, max_positions=400),
-        vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
-        expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
-        image_pad_id=tok.id("<|image_pad|>"))
+    cfg = TargetConfig.tiny(tok.vocab_size, tok.id("<|image_pad|>"))
     target = TargetVLA(cfg).eval()
     # A near-uniform random model rarely emits the stop token; make a few tokens likely so
     # CoCs end at varied lengths, some inside drafted blocks.

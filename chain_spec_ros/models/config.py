@@ -115,6 +115,17 @@ class TargetConfig:
         assert self.vision.out_hidden_size == self.decoder.hidden_size
         assert self.expert.num_heads % self.decoder.num_kv_heads == 0
 
+    @classmethod
+    def tiny(cls, vocab_size: int, image_pad_id: int) -> "TargetConfig":
+        """A few-hundred-kilobyte target of the same structure, for tests and smoke runs."""
+        return cls(
+            decoder=DecoderConfig(vocab_size=vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
+                                  head_dim=16, intermediate_size=128, max_positions=400),
+            vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+            expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
+            image_pad_id=image_pad_id,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -19,7 +19,7 @@ def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | No
     """
     import torch
 
-    from ..models.config import DecoderConfig, ExpertConfig, TargetConfig, VisionConfig
+    from ..models.config import TargetConfig
     from ..models.target import TargetVLA
     from ..models.tokenizer import ChainTokenizer
 
@@ -28,13 +28,7 @@ def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | No
     source = Path(tokenizer) if tokenizer else default_tokenizer_path()
     tok = ChainTokenizer.load(source)
     torch.manual_seed(seed)
-    config = TargetConfig(
-        decoder=DecoderConfig(vocab_size=vocab_size or tok.vocab_size, hidden_size=64, num_layers=2, num_heads=2,
-                              num_kv_heads=1, head_dim=32, intermediate_size=128),
-        vision=VisionConfig(),
-        expert=ExpertConfig(hidden_size=32, num_heads=2),
-        image_pad_id=tok.id("<|image_pad|>"),
-    )
+    config = TargetConfig.tiny(vocab_size or tok.vocab_size, tok.id("<|image_pad|>"))
     target = TargetVLA(config)
     target.save_pretrained(out / "target")
     if draft:
