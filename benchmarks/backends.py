@@ -121,7 +121,7 @@ def stage_latency(target, draft, builder: PromptBuilder, scenes: list[dict], k: 
 
 
 def speculative_speedup(target, draft, builder: PromptBuilder, scenes: list[dict], k: int, warmup: int = 2) -> dict:
-    plain, speculative = Planner(target, builder), Planner(target, builder, EagleDrafter(draft), k=k)
+    plain, speculative = Planner(target, builder), Planner(target, builder, EagleDrafter(draft, stop_id=builder.cot_end_id), k=k)
     for scene in scenes[:warmup]:
         for planner in (plain, speculative):
             planner.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))

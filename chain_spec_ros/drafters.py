@@ -30,11 +30,11 @@ class EagleDrafter:
     every verification.
     """
 
-    def __init__(self, engine: DraftEngine, min_confidence: float = 0.0):
-        """min_confidence > 0 makes the draft length adaptive (greedy mode): drafting stops
-        after a token whose draft probability is below it, since a likely rejection only costs
-        draft steps and verify width."""
-        self.engine, self.min_confidence = engine, min_confidence
+    def __init__(self, engine: DraftEngine, stop_id: int | None = None, min_confidence: float = 0.0):
+        """Drafting stops early after `stop_id` (nothing follows the end of the CoC) and, when
+        min_confidence > 0 (greedy mode), after a token whose draft probability is below it,
+        since a likely rejection only costs draft steps and verify width."""
+        self.engine, self.stop_id, self.min_confidence = engine, stop_id, min_confidence
         self.feature_layers = list(engine.config.feature_layers)
         self.mode = engine.config.position_mode
 
@@ -62,7 +62,7 @@ class EagleDrafter:
             token, p = _choose(logits, temperature, generator)
             drafts.append(token)
             probs.append(p)
-            if j + 1 == k or (self.min_confidence > 0 and temperature == 0
+            if j + 1 == k or token == self.stop_id or (self.min_confidence > 0 and temperature == 0
                               and float(torch.softmax(logits.float(), -1)[token]) < self.min_confidence):
                 break
             hidden, logits = self._step([token], hidden, index + j)

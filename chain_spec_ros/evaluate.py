@@ -59,7 +59,7 @@ def load_planner(models: Path, backend: str = "torch", drafter: str = "none", dr
     if drafter == "none":
         chosen = None
     elif drafter == "eagle":
-        chosen = EagleDrafter(draft_engine)
+        chosen = EagleDrafter(draft_engine, stop_id=builder.cot_end_id)
     elif drafter == "ngram":
         if data is None:
             raise ValueError("the n-gram drafter needs a dataset to count the target's CoCs on")

@@ -91,7 +91,7 @@ def test_eagle_draft_is_lossless(setup, mode):
         prompt = _prompt(builder, seed)
         expected, expected_length = _greedy(target, builder, prompt)
         engine, logits, features = _prefill(target, prompt, draft.cfg.feature_layers)
-        drafter = _drafter(EagleDrafter(TorchDraftEngine(draft, device="cpu")))
+        drafter = _drafter(EagleDrafter(TorchDraftEngine(draft, device="cpu"), stop_id=builder.cot_end_id))
         tokens, stats = speculative_decode(engine, drafter, prompt, logits, features, builder.cot_end_id, MAX_NEW, k=5)
         assert tokens == expected
         assert engine.length == expected_length  # the expert sees the same cache

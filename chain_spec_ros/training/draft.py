@@ -138,7 +138,7 @@ def ttt_loss(draft: EagleDraft, prompt, ids: torch.Tensor, valid: torch.Tensor, 
 def validation_tau(target: TargetVLA, draft: EagleDraft, data: GreedyBatches, n: int, k: int = 7) -> float:
     """Mean accepted length of the real draft-verify loop (PyTorch engines) on the first n scenes."""
     planner = Planner(TorchTargetEngine(target, draft.cfg.feature_layers), data.builder,
-                      EagleDrafter(TorchDraftEngine(draft)), k, expert_steps=1)
+                      EagleDrafter(TorchDraftEngine(draft), stop_id=data.builder.cot_end_id), k, expert_steps=1)
     produced = passes = 0
     for i in range(min(n, len(data))):
         result = planner.plan(data.table.arrays["images"][i], data.table.arrays["history_tokens"][i], 0.0)
