@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chain_spec_ros.data.dataset import load_split  # noqa: E402
+from chain_spec_ros.engines.factory import load_target_model  # noqa: E402
 from chain_spec_ros.evaluate import load_planner  # noqa: E402
 from chain_spec_ros.models.decoder import causal_mask  # noqa: E402
 from chain_spec_ros.models.draft import EagleDraft  # noqa: E402
@@ -63,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    planner = load_planner(Path(args.models))
-    target, builder = planner.target, planner.builder
+    builder = load_planner(Path(args.models)).builder
+    target = load_target_model(Path(args.models)).eval()
     table = load_split(args.data, "test", limit=args.scenes)
     cocs = greedy_cocs(target, builder, table.arrays["images"], table.arrays["history_tokens"])
     results = {}
