@@ -215,7 +215,7 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None 
     about 15% less time per decode step than repeat + SDPA.
     """
     if dropout_p or is_causal:
-        raise NotImplementedError("export of dropout / is_causal attention")
+        raise ValueError("grouped_attention exports inference attention only: no dropout, explicit masks instead of is_causal")
     b, heads, t, d = q.shape
     kv_heads = k.shape[1]
     rep = heads // kv_heads
