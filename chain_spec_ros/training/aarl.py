@@ -34,7 +34,7 @@ from ..models.tokenizer import ChainTokenizer
 from ..prompt import PromptBuilder
 from ..scenarios.coc import decision_from_coc
 from .common import save_curves, setup_runtime, shutdown_runtime
-from .draft import GreedyBatches, target_features, validation_tau
+from .draft import BestTauCheckpoint, GreedyBatches, target_features
 from .greedy import cached_greedy_cocs
 
 REPLACED = 5
@@ -146,10 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    best_tau = validation_tau(target, draft, val, args.val_scenes)
-    draft.save_pretrained(args.out)
-    curves = {"reward": [], "advantage std": [], "kl": [], "val tau": [(0, best_tau)]}
-    print(f"SFT start: val tau {best_tau:.3f}")
+    checkpoint = BestTauCheckpoint(target, val, args.val_scenes, args.out)
+    print(f"SFT start: val tau {checkpoint.check(draft, 0):.3f}")  # the SFT start competes too
+    curves = {"reward": [], "advantage std": [], "kl": [], "val tau": checkpoint.history}
     eval_every = max(args.updates // args.evals, 1)
     started, update = time.time(), 0
     progress = tqdm(total=args.updates, desc="AARL")
@@ -208,15 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(1)
         progress.set_postfix(reward=f"{float(reward.mean()):.3f}", kl=f"{float(kl):.4f}")
         if update % eval_every == 0 or update == args.updates:
-            tau = validation_tau(target, draft, val, args.val_scenes)
-            curves["val tau"].append((update, tau))
-            progress.write(f"update {update}: val tau {tau:.3f} (best {best_tau:.3f})")
-            if tau > best_tau:
-                best_tau = tau
-                draft.save_pretrained(args.out)
+            best = checkpoint.best
+            tau = checkpoint.check(draft, update)
+            progress.write(f"update {update}: val tau {tau:.3f} (best before {best:.3f})")
     progress.close()
     save_curves(Path(args.out) / "aarl_curves", curves, "AARL")
-    summary = {"seconds": round(time.time() - started, 1), "best_val_tau": best_tau,
+    summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best,
                "sft_val_tau": curves["val tau"][0][1], "args": vars(args)}
     (Path(args.out) / "aarl_summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))

@@ -148,6 +148,24 @@ def validation_tau(target: TargetVLA, draft: EagleDraft, data: GreedyBatches, n:
     return produced / max(passes, 1)
 
 
+class BestTauCheckpoint:
+    """Measures validation tau and saves the draft whenever it beats every earlier measurement:
+    the authors note checkpoints peak mid-training, so the best one is kept, not the last."""
+
+    def __init__(self, target: TargetVLA, val: GreedyBatches, scenes: int, out: str | Path):
+        self.target, self.val, self.scenes, self.out = target, val, scenes, out
+        self.best = -1.0
+        self.history: list[tuple[int, float]] = []  # (step, tau)
+
+    def check(self, draft: EagleDraft, step: int) -> float:
+        tau = validation_tau(self.target, draft, self.val, self.scenes)
+        self.history.append((step, tau))
+        if tau > self.best:
+            self.best = tau
+            draft.save_pretrained(self.out)
+        return tau
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="chain-spec-train-draft", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,8 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                        target.decoder.lm_head).to(runtime.device)
     wrapped = runtime.wrap(_TTTObjective(draft, target))
     optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    curves = {"ttt loss": [], "step-0 accuracy": [], "step-6 accuracy": [], "val tau": []}
-    best_tau, started = -1.0, time.time()
+    checkpoint = BestTauCheckpoint(target, val, args.val_scenes, args.out)
+    curves = {"ttt loss": [], "step-0 accuracy": [], "step-6 accuracy": [], "val tau": checkpoint.history}
+    started = time.time()
     eval_every = max(args.steps // args.evals, 1)
     progress = tqdm(rank_batches(len(train), args.batch_size, args.steps, args.seed, runtime), total=args.steps,
                     desc=f"draft SFT ({args.position_mode})", disable=not runtime.is_main)
@@ -201,15 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         curves["step-6 accuracy"].append((step, accuracies[-1]))
         progress.set_postfix(loss=f"{float(loss.detach()):.3f}", acc0=f"{accuracies[0]:.2f}")
         if runtime.is_main and ((step + 1) % eval_every == 0 or step + 1 == args.steps):
-            tau = validation_tau(target, draft, val, args.val_scenes)
-            curves["val tau"].append((step, tau))
+            tau = checkpoint.check(draft, step)
             progress.write(f"step {step + 1}: val tau {tau:.3f}")
-            if tau > best_tau:
-                best_tau = tau
-                draft.save_pretrained(args.out)
     if runtime.is_main:
         save_curves(Path(args.out) / "training_curves", curves, f"draft SFT ({args.position_mode})")
-        summary = {"seconds": round(time.time() - started, 1), "best_val_tau": best_tau, "args": vars(args)}
+        summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best, "args": vars(args)}
         (Path(args.out) / "training_summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary))
     shutdown_runtime(runtime)
