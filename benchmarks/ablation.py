@@ -23,6 +23,7 @@ from chain_spec_ros.data.dataset import load_split  # noqa: E402
 from chain_spec_ros.evaluate import load_planner  # noqa: E402
 from chain_spec_ros.paths import default_models_dir  # noqa: E402
 from chain_spec_ros.planner import Planner  # noqa: E402
+from chain_spec_ros.speculative import DEFAULT_K  # noqa: E402
 
 COLUMNS = ("tau", "drafted_share", "speedup", "cost_ratio", "identical", "total")
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=str(default_models_dir()))
     parser.add_argument("--draft", action="append", default=[], help='"label=directory" of an EAGLE draft')
     parser.add_argument("--ngram", action="store_true", help="add the n-gram baseline row")
-    parser.add_argument("--k", type=int, default=7)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--limit", type=int, default=150)
     parser.add_argument("--json")
     parser.add_argument("--markdown")

@@ -43,6 +43,7 @@ from chain_spec_ros.models.tokenizer import ChainTokenizer  # noqa: E402
 from chain_spec_ros.paths import default_models_dir, default_tokenizer_path  # noqa: E402
 from chain_spec_ros.planner import MAX_COC_TOKENS, Planner  # noqa: E402
 from chain_spec_ros.prompt import PromptBuilder  # noqa: E402
+from chain_spec_ros.speculative import DEFAULT_K  # noqa: E402
 
 STAGES = ("vision", "prefill", "decode", "verify", "draft_step", "expert")
 
@@ -108,7 +109,7 @@ def stage_latency(target, draft, builder: PromptBuilder, scenes: list[dict], k: 
             draft.start(max_len)
             pending = prompt.input_ids[1:].tolist() + [token]
             hidden, _ = draft.step(pending, draft.fuse(features), prompt.positions(0, len(pending), draft.config.position_mode))
-            hidden, base = hidden[:, -1:], draft.length
+            base = draft.length
             for _ in range(repeats):
                 positions = prompt.positions(base, 1, draft.config.position_mode)
                 times["draft_step"].append(_timed(lambda: draft.step([token], hidden, positions))[0])
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=20)
     parser.add_argument("--synthetic", type=int, default=8)
     parser.add_argument("--backends", default="torch,onnxruntime,tensorrt")
-    parser.add_argument("--k", type=int, default=7)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2, help="torch and ONNX Runtime intra-op threads")
     parser.add_argument("--export", action="store_true", help="(re-)export the ONNX graphs first")
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     scenes = load_scenes(args, (config.vision.image_height, config.vision.image_width))
     rows = []
     for spec in args.backends.split(","):
+        torch.set_num_threads(args.threads)  # an ONNX Runtime backend sets torch to one thread
         try:
             engines = engines_for(spec, models, draft_dir, args.threads)
         except ExportError as error:

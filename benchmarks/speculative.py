@@ -26,6 +26,7 @@ from chain_spec_ros.data.dataset import load_split  # noqa: E402
 from chain_spec_ros.evaluate import load_planner  # noqa: E402
 from chain_spec_ros.paths import default_models_dir  # noqa: E402
 from chain_spec_ros.planner import Planner  # noqa: E402
+from chain_spec_ros.speculative import DEFAULT_K  # noqa: E402
 
 NEAR_TIE = 1e-4
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=str(default_models_dir()))
     parser.add_argument("--drafter", choices=("eagle", "ngram"), default="eagle")
     parser.add_argument("--draft-dir", help="EAGLE draft directory (default MODELS/draft)")
-    parser.add_argument("--k", type=int, default=7)
+    parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--limit", type=int)
     parser.add_argument("--threads", type=int, default=2)

@@ -54,7 +54,6 @@ class EagleDrafter:
 
     def propose(self, k: int, temperature: float, generator=None) -> tuple[list[int], Tensor | None]:
         hidden, logits = self._step(self.pending_tokens, self.pending_features, self.start_index)
-        hidden = hidden[:, -1:]
         self.committed_length = self.engine.length
         index = self.start_index + len(self.pending_tokens)
         drafts, probs = [], []

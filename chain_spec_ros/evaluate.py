@@ -21,6 +21,7 @@ from .paths import default_models_dir
 from .planner import Planner
 from .prompt import PromptBuilder
 from .scenarios.coc import decision_from_coc
+from .speculative import DEFAULT_K
 from .trajectory import STEP_SECONDS
 from .training.greedy import cached_greedy_cocs
 
@@ -45,7 +46,7 @@ def constant_velocity(speed: float, steps: int = 64) -> np.ndarray:
 
 
 def load_planner(models: Path, backend: str = "torch", drafter: str = "none", draft_dir: str | None = None,
-                 data: str | None = None, k: int = 7, expert_steps: int | None = None) -> Planner:
+                 data: str | None = None, k: int = DEFAULT_K, expert_steps: int | None = None) -> Planner:
     """A planner on the models directory: target-only (`drafter="none"`), or speculative with the
     EAGLE draft (`eagle`, from draft_dir or MODELS/draft) or the n-gram baseline (`ngram`)."""
     models = Path(models)

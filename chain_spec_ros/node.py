@@ -45,11 +45,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from .node_config import (FIELDS, NODE_NAME, ConfigError, NodeConfig, default_config_path, read_parameter_file,
                           validate)
 from .sensing import (NS, REJECTION_COUNTERS, RESIZED, InputError, SensingConfig, SensorBuffers, SensorFrame,
                       fit_size, image_from_compressed, image_from_raw, odometry_sample, stamp_ns)
+from .planner import PlanResult
 from .trajectory import STEP_SECONDS
 
 PERCENTILES = (50, 95, 99)
@@ -293,20 +295,13 @@ def _node_class():
                 raise StartupError(str(error)) from None
             cfg = self.config
             # 2. Models.
-            try:
-                import torch
-
-                torch.set_num_threads(cfg.torch_threads)
-            except ImportError:
-                pass
+            torch.set_num_threads(cfg.torch_threads)
             self.planner, self.models_dir = planner_loader(cfg)
-            builder = getattr(self.planner, "builder", None)
-            self._tokenizer = getattr(builder, "tokenizer", None)
+            self._tokenizer = self.planner.builder.tokenizer
             self.width, self.height = model_image_size(self.planner)
-            self.decoding = "speculative" if getattr(self.planner, "drafter", None) is not None else "target-only"
-            engine = getattr(self.planner, "target", None)
-            self.backend = str(getattr(engine, "backend", None) or cfg.backend)
-            self.backend_fallback = getattr(engine, "fallback_reason", None) or ""
+            self.decoding = "speculative" if self.planner.drafter is not None else "target-only"
+            self.backend = self.planner.target.backend
+            self.backend_fallback = self.planner.target.fallback_reason or ""
             if self.backend_fallback:
                 log.warning(f"backend {cfg.backend} unavailable, running on {self.backend}: {self.backend_fallback}")
             log.info(f"models from {self.models_dir} ({self.backend}, {self.decoding}); images "
@@ -438,12 +433,11 @@ def _node_class():
                 result = self.planner.plan(frame.images, frame.history_tokens, frame.speed)
                 plan_ms = (time.perf_counter() - start) * 1e3
                 build_start = time.perf_counter()
-                stats = getattr(result, "stats", None) or {}
-                numeric = numeric_items(stats)
-                info = self._plan_info(frame, result, stats)
+                numeric = numeric_items(result.stats)
+                info = self._plan_info(frame, result)
                 messages = self._messages(frame, result)
                 build_ms = (time.perf_counter() - build_start) * 1e3
-                timings = numeric_items(getattr(result, "timings_ms", {}))
+                timings = numeric_items(result.timings_ms)
                 overhead_ms = convert_ms + frame.assembly_ms + timings.get("prompt", 0.0) + build_ms
                 total_ms = convert_ms + frame.assembly_ms + plan_ms + build_ms
                 info.update(node_overhead_ms=overhead_ms, planning_ms=total_ms, convert_ms=convert_ms,
@@ -479,14 +473,13 @@ def _node_class():
                 self.tick_stats.consecutive_errors = 0
                 self._last_frame, self._last_stats = frame, numeric
 
-        def _plan_info(self, frame: SensorFrame, result, stats: dict) -> dict:
-            ids = [int(i) for i in getattr(result, "coc_ids", [])]
-            tokens = [self._tokenizer.decode([i]) for i in ids] if self._tokenizer is not None else []
-            sources = getattr(result, "token_sources", None) or stats.get("token_sources") or []
+        def _plan_info(self, frame: SensorFrame, result: PlanResult) -> dict:
+            ids = [int(i) for i in result.coc_ids]
             return {
-                "t0_ns": frame.t0_ns, "coc": result.coc, "coc_ids": ids, "tokens": tokens,
-                "token_sources": list(sources), "timings_ms": dict(getattr(result, "timings_ms", {})),
-                "stats": stats, "backend": self.backend, "decoding": self.decoding,
+                "t0_ns": frame.t0_ns, "coc": result.coc, "coc_ids": ids,
+                "tokens": [self._tokenizer.decode([i]) for i in ids],
+                "token_sources": list(result.token_sources), "timings_ms": dict(result.timings_ms),
+                "stats": result.stats, "backend": self.backend, "decoding": self.decoding,
                 "speed": frame.speed, "pose": list(frame.pose), "camera_skew_s": frame.camera_skew_s,
                 "odom_lag_s": frame.odom_lag_s, "input_age_s": frame.input_age_s,
                 "frame_stamps_ns": frame.frame_stamps_ns.tolist(),

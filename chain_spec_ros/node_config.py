@@ -21,6 +21,8 @@ from typing import Any, Mapping
 
 import yaml
 
+from .speculative import DEFAULT_K
+
 NODE_NAME = "chain_spec_node"
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DRAFTERS = ("auto", "none", "eagle")
@@ -49,7 +51,7 @@ class NodeConfig:
     drafter: str = _param("auto", "CoC decoding: eagle (speculative, with the draft), none (target only), "
                           "auto (eagle when the models directory has a draft/)", choices=DRAFTERS)
     draft_dir: str = _param("", "directory of the draft model ('' = <models_dir>/draft)")
-    draft_k: int = _param(7, "tokens drafted per target pass", low=1, high=32)
+    draft_k: int = _param(DEFAULT_K, "tokens drafted per target pass", low=1, high=32)
     use_sim_time: bool = _param(False, "follow /clock (bag replay) instead of the system clock")
     plan_rate_hz: float = _param(2.0, "planning timer rate; ticks arriving while a plan runs are dropped",
                                  low=0.0, high=100.0, low_open=True)

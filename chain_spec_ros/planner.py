@@ -13,7 +13,7 @@ import numpy as np
 
 from .engines.base import TargetEngine
 from .prompt import PromptBuilder
-from .speculative import Drafter, speculative_decode
+from .speculative import DEFAULT_K, Drafter, speculative_decode
 
 MAX_COC_TOKENS = 64
 
@@ -33,7 +33,7 @@ class Planner:
     """Plans one scene; with a `drafter` the CoC is decoded speculatively (k drafts per target
     pass), otherwise token by token by the target alone."""
 
-    def __init__(self, target: TargetEngine, builder: PromptBuilder, drafter: Drafter | None = None, k: int = 7,
+    def __init__(self, target: TargetEngine, builder: PromptBuilder, drafter: Drafter | None = None, k: int = DEFAULT_K,
                  expert_steps: int | None = None, seed: int = 0):
         self.target, self.builder = target, builder
         self.drafter, self.k = drafter, k

@@ -25,6 +25,12 @@ from torch import Tensor
 
 from .engines.base import TargetEngine
 
+# Tokens drafted per target pass. The bundled draft keeps ~44% of its 16th proposals, so long
+# blocks pay: on 30 test scenes, PyTorch CPU, the speedup went 2.65x (k=7), 3.29x (12), 3.73x (16),
+# 3.81x (20), the verify pass growing slower than the tokens it decides. 16 keeps the verify
+# width (and TensorRT's verify profile) moderate.
+DEFAULT_K = 16
+
 
 class Drafter(Protocol):
     """A routine reasoner behind one interface (EAGLE draft, n-gram, ...)."""
@@ -111,7 +117,7 @@ def verify_sampled(drafts: list[int], draft_probs: Tensor, target_logits: Tensor
 
 
 def speculative_decode(target: TargetEngine, drafter: Drafter, prompt, prefill_logits: Tensor,
-                       prefill_features: list[Tensor], stop_id: int, max_new: int, k: int = 7,
+                       prefill_features: list[Tensor], stop_id: int, max_new: int, k: int = DEFAULT_K,
                        temperature: float = 0.0, generator: torch.Generator | None = None
                        ) -> tuple[list[int], SpeculativeStats]:
     """Decode the CoC after a prefilled prompt (last logits [V]). Returns the tokens (stop

@@ -46,7 +46,6 @@ def test_rollout_matches_chained_drafting(pair, mode):
             drafter.pending_tokens = ids[0, 1 : base + 2].tolist()  # the sequence up to the pending token
             # Feed the true continuation as drafts: position base+s gets token base+1+s.
             hidden, _ = drafter._step(drafter.pending_tokens, drafter.pending_features, 0)
-            hidden = hidden[:, -1:]
             assert torch.allclose(hidden[0, 0], rollout[0][0, base - (P - 1)], atol=1e-5)
             for s in range(1, 4):
                 hidden, _ = drafter._step([int(ids[0, base + 1 + s])], hidden, base + s)
@@ -75,3 +74,26 @@ def test_ttt_loss_trains_the_draft(pair):
         loss.backward()
         optimiser.step()
     assert float(loss) < 0.3 * first and min(accuracies) > 0.9
+
+
+def test_last_only_pass_matches_the_full_pass(pair):
+    """Ingesting a block with last_only computes the last position's hidden state and writes
+    every position's keys and values, exactly as the full pass does."""
+    target, _ = pair
+    draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder), target.decoder.embed_tokens,
+                       target.decoder.lm_head).eval()
+    torch.manual_seed(2)
+    tokens = torch.randint(0, 500, (1, 9))
+    features = torch.randn(1, 9, draft.cfg.hidden_size)
+    positions = torch.arange(3, 12).expand(3, 1, 9)
+    full_cache, last_cache = draft.new_cache(32), draft.new_cache(32)
+    with torch.no_grad():
+        for cache in (full_cache, last_cache):  # three entries already cached
+            draft(tokens[:, :3], features[:, :3], positions[..., :3] - 3, cache)
+        full = draft(tokens, features, positions, full_cache)
+        last = draft(tokens, features, positions, last_cache, last_only=True)
+    assert last.shape == (1, 1, draft.cfg.hidden_size)
+    torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+    assert full_cache.length == last_cache.length == 12
+    for mine, theirs in zip(last_cache.get(0), full_cache.get(0)):
+        torch.testing.assert_close(mine, theirs, atol=0, rtol=0)

@@ -25,6 +25,7 @@ from chain_spec_ros.models.tokenizer import ChainTokenizer
 from chain_spec_ros.paths import default_tokenizer_path
 from chain_spec_ros.planner import Planner
 from chain_spec_ros.prompt import PromptBuilder
+from chain_spec_ros.speculative import DEFAULT_K
 
 TOL = 1e-3
 MAX_NEW = 40  # planner.MAX_COC_TOKENS is 64; a random model rarely stops earlier
@@ -118,7 +119,8 @@ def test_export_writes_checked_graphs_and_manifest(models):
     import onnx
 
     manifest = json.loads((models / "onnx" / "manifest.json").read_text())
-    assert set(manifest["graphs"]) == {*export.GRAPHS, "target_decoder_t1", "target_decoder_t8", "draft_step_t1"}
+    verify = export.fixed_name("target_decoder", DEFAULT_K + 1)
+    assert set(manifest["graphs"]) == {*export.GRAPHS, "target_decoder_t1", verify, "draft_step_t1"}
     assert manifest["target"]["feature_layers"] == [1, 2]  # the draft's [1, 1, 2], one output per layer
     assert manifest["target"]["fingerprint"] == export.fingerprint(models / "target")
     assert manifest["draft"]["fingerprint"] == export.fingerprint(models / "draft")
@@ -181,7 +183,7 @@ def test_draft_hidden_and_logits_match_torch(pair, builder, mode):
         fused = d.fuse(out["prefill"][1])
         pending = prompt.input_ids[1:].tolist() + [5]
         trace = [fused, *d.step(pending, fused, prompt.positions(0, len(pending), mode))]
-        hidden = trace[-2][:, -1:]
+        hidden = trace[-2]
         committed = d.length
         for j in range(3):  # a chain of single-token steps fed with the draft's own hidden state
             hidden, logits = d.step([40 + j], hidden, prompt.positions(committed + j, 1, mode))

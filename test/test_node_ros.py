@@ -344,10 +344,14 @@ class ScriptedPlanner:
         from types import SimpleNamespace
 
         from chain_spec_ros.models.config import VisionConfig
+        from chain_spec_ros.models.tokenizer import ChainTokenizer
+        from chain_spec_ros.paths import default_tokenizer_path
 
         self.fail, self.delay, self.calls = False, 0.0, 0
         self.target = SimpleNamespace(backend="scripted", fallback_reason=None,
                                       config=SimpleNamespace(vision=VisionConfig()))
+        self.builder = SimpleNamespace(tokenizer=ChainTokenizer.load(default_tokenizer_path()))
+        self.drafter = object()  # the node reports speculative decoding
 
     def plan(self, images, history_tokens, speed):
         from chain_spec_ros.planner import PlanResult

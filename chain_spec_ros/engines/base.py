@@ -78,7 +78,9 @@ class DraftEngine(ABC):
 
     @abstractmethod
     def step(self, tokens: list[int], features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """Append T inputs (token, feature) at positions [3, T] -> (hidden [1, T, D], last logits [V])."""
+        """Append T inputs (token, feature) at positions [3, T] -> (the last input's hidden state
+        [1, 1, D], its logits [V]). Only the last position's output is computed: drafting never
+        reads the others, and the cache needs only their keys and values."""
 
     @abstractmethod
     def crop(self, length: int) -> None:

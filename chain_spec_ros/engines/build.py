@@ -1,6 +1,6 @@
 """`chain-spec-build-engines`: TensorRT engines from the exported ONNX graphs.
 
-    chain-spec-build-engines --models MODELS [--max-len 512] [--k 7] [--fp32]
+    chain-spec-build-engines --models MODELS [--max-len 512] [--k 16] [--fp32]
 
 Reads MODELS/onnx (run chain-spec-export first) and writes MODELS/onnx/trt/<graph>.engine plus
 engines.json (TensorRT version, GPU, cache length, profiles, and the sha256 of each source ONNX
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from ..models.config import TargetConfig
+from ..speculative import DEFAULT_K
 from .export import ExportError, load_manifest
 from .trt_engine import ENGINES_MANIFEST, TRT_DIR, file_sha256, trt_logger, trt_unavailable_reason
 
@@ -139,7 +140,7 @@ def build_engine(onnx_path: Path, graph_profiles: list[Profile], engine_path: Pa
     return precision
 
 
-def build_all(models: str | Path, fp16: bool = True, max_len: int | None = None, k: int = 7, max_images: int = 32,
+def build_all(models: str | Path, fp16: bool = True, max_len: int | None = None, k: int = DEFAULT_K, max_images: int = 32,
               prefill_opt: int = 256, workspace_gb: float = 4.0, verbose: bool = False) -> dict:
     """Build an engine for every graph of MODELS/onnx; returns what engines.json records."""
     problem = trt_unavailable_reason()
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=str(default_models_dir()))
     parser.add_argument("--max-len", type=int, help="KV cache slots (default: the decoder's max_positions); the "
                         "planner needs prompt + 64 + k + 4")
-    parser.add_argument("--k", type=int, default=7, help="draft length: the verify profile is k + 1 tokens")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="draft length: the verify profile is k + 1 tokens")
     parser.add_argument("--max-images", type=int, default=32)
     parser.add_argument("--fp32", action="store_true", help="fp32 engines (TF32 off), for parity checks")
     parser.add_argument("--workspace-gb", type=float, default=4.0)

@@ -1,6 +1,6 @@
 """`chain-spec-export`: the target and the draft as ONNX graphs with the KV cache as explicit tensors.
 
-    chain-spec-export --models MODELS [--draft MODELS/draft] [--out MODELS/onnx] [--k 7]
+    chain-spec-export --models MODELS [--draft MODELS/draft] [--out MODELS/onnx] [--k 16]
 
 Every graph is traced (TorchScript exporter, opset 17) from the existing torch modules through a
 thin wrapper that turns the stateful `KVCache` into explicit inputs and outputs; no layer is
@@ -15,9 +15,9 @@ plain matmuls with grouped queries (`grouped_attention`, tested equal to SDPA).
     MODELS/onnx/target_expert.onnx   actions [1, H, 2], flow_time [1], valid_length [1], rope_delta [1],
                                      past_key_i / past_value_i -> velocity [1, H, 2]
     MODELS/onnx/draft_step.onnx      token_ids [1, T], features [1, T, D], positions [3, T], past_length [1],
-                                     past_key_0 / past_value_0 -> hidden [1, T, D], logits [1, V], new_key_0 / new_value_0
+                                     past_key_0 / past_value_0 -> hidden [1, 1, D] (last), logits [1, V], new_key_0 / new_value_0
     MODELS/onnx/draft_fuse.onnx      feature_j [1, T, D] per fused target layer -> fused [1, T, D]
-    MODELS/onnx/target_decoder_t1.onnx, target_decoder_t8.onnx, draft_step_t1.onnx
+    MODELS/onnx/target_decoder_t1.onnx, target_decoder_t17.onnx, draft_step_t1.onnx
                                      the same step graphs with T fixed (decode, k + 1 verify, chain
                                      step), for ONNX Runtime (see `export_target`)
     MODELS/onnx/target_embed.npy     the token embedding table (see below)
@@ -59,8 +59,9 @@ from ..models.decoder import Decoder
 from ..models.draft import DraftConfig, EagleDraft
 from ..models.expert import TrajectoryExpert
 from ..models.target import TargetVLA
+from ..speculative import DEFAULT_K
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: draft_step returns the last position's hidden state only
 OPSET = 17  # LayerNormalization as one op; supported by ONNX Runtime and TensorRT 10/11
 ONNX_DIR = "onnx"
 MANIFEST = "manifest.json"
@@ -177,7 +178,8 @@ class ExpertStep(nn.Module):
 
 
 class DraftStep(nn.Module):
-    """`EagleDraft.forward` + `logits` for the last position, with its one-layer cache explicit."""
+    """`EagleDraft.forward` for the last position only (`last_only`) + its logits, with the
+    one-layer cache explicit."""
 
     def __init__(self, draft: EagleDraft):
         super().__init__()
@@ -189,7 +191,7 @@ class DraftStep(nn.Module):
         new: list[tuple[Tensor, Tensor]] = []
         mask = cache_mask(past_length, token_ids.shape[1], past_key.shape[2])
         hidden = self.draft(token_ids, features, positions[:, None], kv_hook=_attend_over_buffer(past_key, past_value, new),
-                            mask=mask)
+                            mask=mask, last_only=True)
         logits = self.draft.logits(hidden[:, -1])
         return hidden, logits, new[0][0], new[0][1]
 
@@ -362,7 +364,7 @@ def export_draft(draft: EagleDraft, out: Path, opset: int = OPSET, fixed_tokens:
         T = fixed or 3
         name = "draft_step" if fixed is None else fixed_name("draft_step", fixed)
         token_axes = {} if fixed else {"token_ids": {1: "tokens"}, "features": {1: "tokens"}, "positions": {1: "tokens"},
-                                       "hidden": {1: "tokens"}, **{k: {2: "tokens"} for k in new_kv_names(1)}}
+                                       **{k: {2: "tokens"} for k in new_kv_names(1)}}
         args = (torch.zeros(1, T, dtype=torch.long), torch.zeros(1, T, cfg.hidden_size),
                 torch.arange(T).expand(3, T).contiguous(), torch.tensor([S - 4]), *past)
         _export(DraftStep(draft), args, out / f"{name}.onnx",
@@ -378,7 +380,7 @@ def export_draft(draft: EagleDraft, out: Path, opset: int = OPSET, fixed_tokens:
 
 
 def export_models(models: str | Path, draft_dir: str | Path | None = None, out: str | Path | None = None,
-                  opset: int = OPSET, k: int = 7) -> dict:
+                  opset: int = OPSET, k: int = DEFAULT_K) -> dict:
     """Export MODELS/target (and the draft in `draft_dir`) into `out` (default MODELS/onnx) and
     write the manifest. The target's feature outputs are the draft's feature layers, or
     EAGLE-3's default low/middle/high layers when no draft is given; `k` sizes the fixed
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draft", help="EAGLE draft directory to export too (e.g. MODELS/draft)")
     parser.add_argument("--out", help="output directory (default MODELS/onnx)")
     parser.add_argument("--opset", type=int, default=OPSET)
-    parser.add_argument("--k", type=int, default=7, help="draft length: a fixed-size verify graph of k + 1 tokens")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help="draft length: a fixed-size verify graph of k + 1 tokens")
     args = parser.parse_args(argv)
     try:
         manifest = export_models(args.models, args.draft, args.out, args.opset, args.k)

@@ -60,13 +60,15 @@ class Attention(nn.Module):
         return q, k, v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_hook: KVHook | None,
-                mask: Tensor | None) -> Tensor:
-        B, T, _ = x.shape
+                mask: Tensor | None, last_only: bool = False) -> Tensor:
         q, k, v = self.project(x, cos, sin)
         if kv_hook is not None:  # cache the rotated keys, so cached keys never need re-rotation
             k, v = kv_hook(k, v)
+        if last_only:  # every key and value is in the cache now; only the last query is wanted
+            q = q[:, :, -1:]
+            mask = None if mask is None else mask[..., -1:, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], q.shape[2], -1))
 
 
 class MLP(nn.Module):
@@ -94,8 +96,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(hidden, intermediate)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_hook: KVHook | None = None,
-                mask: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_hook, mask)
+                mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """last_only: every position writes its keys and values (through kv_hook) but only the
+        last one runs attention and the MLP, [B, 1, D] out. For a one-layer draft that is all a
+        prompt or a block of accepted tokens needs: nothing reads the other positions' outputs."""
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, kv_hook, mask, last_only)
+        x = (x[:, -1:] if last_only else x) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -96,8 +96,9 @@ class EagleDraft(nn.Module):
         return self.input_proj(torch.cat([self.embed_norm(self.embed(token_ids)), self.feature_norm(features)], -1))
 
     def forward(self, token_ids: Tensor, features: Tensor, position_ids: Tensor, cache: KVCache | None = None,
-                kv_hook=None, mask: Tensor | None = None) -> Tensor:
-        """Hidden states [B, T, D] for tokens [B, T] and features [B, T, D] at positions [3, B, T].
+                kv_hook=None, mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Hidden states [B, T, D] for tokens [B, T] and features [B, T, D] at positions [3, B, T]
+        ([B, 1, D], the last position's, with last_only: what drafting reads).
 
         With a cache the new entries attend to the cached ones causally (inference); training
         passes its own kv_hook and mask (the training-time-test rollout).
@@ -106,7 +107,7 @@ class EagleDraft(nn.Module):
         if cache is not None:
             kv_hook = lambda k, v: cache.append(0, k, v)  # noqa: E731
             mask = causal_mask(token_ids.shape[1], cache.length, token_ids.device)
-        hidden = self.layer(self.inputs(token_ids, features), cos, sin, kv_hook, mask)
+        hidden = self.layer(self.inputs(token_ids, features), cos, sin, kv_hook, mask, last_only)
         if cache is not None:
             cache.advance(token_ids.shape[1])
         return hidden
