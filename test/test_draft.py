@@ -7,22 +7,14 @@ import torch
 
 from chain_spec_ros.drafters import EagleDrafter
 from chain_spec_ros.engines.torch_engine import TorchDraftEngine
-from chain_spec_ros.models.config import TargetConfig
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
-from chain_spec_ros.models.target import TargetVLA
-from chain_spec_ros.models.tokenizer import ChainTokenizer
-from chain_spec_ros.paths import default_tokenizer_path
-from chain_spec_ros.prompt import PromptBuilder
 from chain_spec_ros.training.draft import target_features, ttt_loss, ttt_rollout
+from conftest import tiny_target
 
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(1)
-    tok = ChainTokenizer.load(default_tokenizer_path())
-    cfg = TargetConfig.tiny(tok.vocab_size, tok.id("<|image_pad|>"))
-    target = TargetVLA(cfg).eval()
-    return target, PromptBuilder(tok, *cfg.vision.grid)
+    return tiny_target(seed=1)
 
 
 @pytest.mark.parametrize("mode", ["flat", "mrope"])

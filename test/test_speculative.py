@@ -5,29 +5,21 @@ import torch
 
 from chain_spec_ros.drafters import EagleDrafter, NgramDrafter
 from chain_spec_ros.engines.torch_engine import TorchDraftEngine, TorchTargetEngine
-from chain_spec_ros.models.config import TargetConfig
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
-from chain_spec_ros.models.target import TargetVLA
-from chain_spec_ros.models.tokenizer import ChainTokenizer
-from chain_spec_ros.paths import default_tokenizer_path
 from chain_spec_ros.planner import greedy_decode
-from chain_spec_ros.prompt import PromptBuilder
 from chain_spec_ros.speculative import speculative_decode, verify_sampled
+from conftest import tiny_target
 
 MAX_NEW = 40
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    tok = ChainTokenizer.load(default_tokenizer_path())
-    cfg = TargetConfig.tiny(tok.vocab_size, tok.id("<|image_pad|>"))
-    target = TargetVLA(cfg).eval()
+    target, builder = tiny_target(seed=0)
     # A near-uniform random model rarely emits the stop token; make a few tokens likely so
     # CoCs end at varied lengths, some inside drafted blocks.
     with torch.no_grad():
-        target.decoder.lm_head.weight[tok.id("<|cot_end|>")] *= 4.0
-    builder = PromptBuilder(tok, *cfg.vision.grid)
+        target.decoder.lm_head.weight[builder.cot_end_id] *= 4.0
     return target, builder
 
 

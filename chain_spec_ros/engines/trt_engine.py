@@ -164,9 +164,16 @@ class CudaGraphLauncher:
     stream: torch.cuda.Stream
     use_cuda_graphs = True
 
-    def _init_launcher(self, stream: torch.cuda.Stream) -> None:
-        self.stream = stream
+    def _init_launcher(self, stream: torch.cuda.Stream, cache_len: int) -> None:
+        self.stream, self.cache_len = stream, cache_len
         self._cuda_graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+
+    def start(self, max_len: int) -> None:
+        """The engines were built for one cache length: allocate exactly that, once."""
+        if max_len > self.cache_len:
+            raise ValueError(f"a request of {max_len} tokens exceeds the {self.cache_len} cache slots the TensorRT "
+                             f"engines were built for (chain-spec-build-engines --max-len)")
+        super().start(self.cache_len)
 
     def _stream_context(self) -> ContextManager:
         return torch.cuda.stream(self.stream)
@@ -194,29 +201,14 @@ class TrtTargetEngine(CudaGraphLauncher, GraphTargetEngine):
     def __init__(self, graphs: dict[str, TrtGraph], manifest: dict, config: TargetConfig, feature_layers: list[int],
                  stream: torch.cuda.Stream, cache_len: int):
         GraphTargetEngine.__init__(self, graphs, manifest, config, feature_layers, "cuda", "tensorrt")
-        self._init_launcher(stream)
-        self.cache_len = cache_len
-
-    def start(self, max_len: int) -> None:
-        """The engines were built for one cache length: allocate exactly that, once."""
-        if max_len > self.cache_len:
-            raise ValueError(f"a request of {max_len} tokens exceeds the {self.cache_len} cache slots the TensorRT "
-                             f"engines were built for (chain-spec-build-engines --max-len)")
-        super().start(self.cache_len)
+        self._init_launcher(stream, cache_len)
 
 
 class TrtDraftEngine(CudaGraphLauncher, GraphDraftEngine):
     def __init__(self, graphs: dict[str, TrtGraph], manifest: dict, config: DraftConfig, stream: torch.cuda.Stream,
                  cache_len: int):
         GraphDraftEngine.__init__(self, graphs, manifest, config, "cuda", "tensorrt")
-        self._init_launcher(stream)
-        self.cache_len = cache_len
-
-    def start(self, max_len: int) -> None:
-        if max_len > self.cache_len:
-            raise ValueError(f"a request of {max_len} tokens exceeds the draft's {self.cache_len} cache slots "
-                             f"(chain-spec-build-engines --max-len)")
-        super().start(self.cache_len)
+        self._init_launcher(stream, cache_len)
 
 
 def load_engines_manifest(models: Path, manifest: dict) -> dict:
