@@ -55,7 +55,8 @@ class NodeConfig:
     use_sim_time: bool = _param(False, "follow /clock (bag replay) instead of the system clock")
     plan_rate_hz: float = _param(2.0, "planning timer rate; ticks arriving while a plan runs are dropped",
                                  low=0.0, high=100.0, low_open=True)
-    torch_threads: int = _param(2, "CPU threads for PyTorch", low=1, high=256)
+    torch_threads: int = _param(2, "CPU threads of the engines: PyTorch's, or the size of ONNX Runtime's one thread pool "
+                                 "(torch then glues on one thread)", low=1, high=256)
     expert_steps: int = _param(0, "Euler steps of the trajectory expert (0 = the model's own)", low=0, high=100)
     seed: int = _param(0, "seed of the trajectory expert's noise", low=0)
     # Inputs.
