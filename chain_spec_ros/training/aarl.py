@@ -33,7 +33,7 @@ from ..models.target import TargetVLA
 from ..models.tokenizer import ChainTokenizer
 from ..prompt import PromptBuilder
 from ..scenarios.coc import decision_from_coc
-from .common import save_curves, setup_runtime, shutdown_runtime
+from .common import average_gradients, main_rank_first, save_curves, setup_runtime, shutdown_runtime
 from .draft import BestTauCheckpoint, GreedyBatches, target_features
 from .greedy import cached_greedy_cocs
 
@@ -139,23 +139,25 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.draft).parent / "greedy_cache"
     train_table = load_split(args.data, "train", limit=args.train_scenes)
     val_table = load_split(args.data, "val", limit=args.val_scenes)
-    train = GreedyBatches(builder, train_table, cached_greedy_cocs(cache_dir, "train", target, builder, train_table))
-    val = GreedyBatches(builder, val_table, cached_greedy_cocs(cache_dir, "val", target, builder, val_table))
+    train, val = main_rank_first(runtime, lambda: (
+        GreedyBatches(builder, train_table, cached_greedy_cocs(cache_dir, "train", target, builder, train_table)),
+        GreedyBatches(builder, val_table, cached_greedy_cocs(cache_dir, "val", target, builder, val_table))))
     tail = [builder.cot_end_id, builder.ids["<|traj_future_start|>"]]
 
     optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     checkpoint = BestTauCheckpoint(target, val, args.val_scenes, args.out)
-    print(f"SFT start: val tau {checkpoint.check(draft, 0):.3f}")  # the SFT start competes too
+    if runtime.is_main:  # the SFT start competes too
+        print(f"SFT start: val tau {checkpoint.check(draft, 0):.3f}")
     curves = {"reward": [], "advantage std": [], "kl": [], "val tau": checkpoint.history}
     eval_every = max(args.updates // args.evals, 1)
     started, update = time.time(), 0
-    progress = tqdm(total=args.updates, desc="AARL")
+    progress = tqdm(total=args.updates, desc="AARL", disable=not runtime.is_main)
     order = rng.permutation(len(train))
     cursor = 0
     while update < args.updates:
-        index = int(order[cursor % len(order)])
+        index = int(order[(cursor * runtime.world_size + runtime.rank) % len(order)])  # each rank its own scenes
         cursor += 1
         prompt, ids, valid, images = train.batch([index])
         P, T = len(prompt), ids.shape[1]
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         loss = policy_loss + args.kl_weight * kl
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(draft, runtime)  # every rank then takes the same step
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         optimiser.step()
         curves["reward"].append((update, float(reward.mean())))
@@ -206,16 +209,17 @@ def main(argv: list[str] | None = None) -> int:
         update += 1
         progress.update(1)
         progress.set_postfix(reward=f"{float(reward.mean()):.3f}", kl=f"{float(kl):.4f}")
-        if update % eval_every == 0 or update == args.updates:
+        if runtime.is_main and (update % eval_every == 0 or update == args.updates):
             best = checkpoint.best
             tau = checkpoint.check(draft, update)
             progress.write(f"update {update}: val tau {tau:.3f} (best before {best:.3f})")
     progress.close()
-    save_curves(Path(args.out) / "aarl_curves", curves, "AARL")
-    summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best,
-               "sft_val_tau": curves["val tau"][0][1], "args": vars(args)}
-    (Path(args.out) / "aarl_summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
+    if runtime.is_main:
+        save_curves(Path(args.out) / "aarl_curves", curves, "AARL")
+        summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best,
+                   "sft_val_tau": curves["val tau"][0][1], "processes": runtime.world_size, "args": vars(args)}
+        (Path(args.out) / "aarl_summary.json").write_text(json.dumps(summary, indent=1))
+        print(json.dumps(summary))
     shutdown_runtime(runtime)
     return 0
 

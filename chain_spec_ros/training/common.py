@@ -58,6 +58,28 @@ def setup_runtime(seed: int, threads: int | None = None, amp: bool = True) -> Ru
     return Runtime(rank, world_size, device, amp)
 
 
+def main_rank_first(runtime: Runtime, make):
+    """`make()` on rank 0, then on the other ranks once rank 0 is done: rank 0 fills a cache
+    (the target's greedy CoCs) that the others then read instead of racing to write it."""
+    if runtime.world_size > 1 and not runtime.is_main:
+        dist.barrier()
+    result = make()
+    if runtime.world_size > 1 and runtime.is_main:
+        dist.barrier()
+    return result
+
+
+def average_gradients(module: torch.nn.Module, runtime: Runtime) -> None:
+    """All-reduce the gradients to their mean over the ranks, for a trainer whose loss is not
+    one forward call that DDP could wrap (AARL: sampling, re-running the target, rewards)."""
+    if runtime.world_size == 1:
+        return
+    for p in module.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= runtime.world_size
+
+
 def shutdown_runtime(runtime: Runtime) -> None:
     if runtime.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()

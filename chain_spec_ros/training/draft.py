@@ -31,7 +31,7 @@ from ..models.tokenizer import ChainTokenizer
 from ..engines.torch_engine import TorchDraftEngine, TorchTargetEngine
 from ..planner import Planner
 from ..prompt import PromptBuilder
-from .common import cosine_lr, rank_batches, save_curves, setup_runtime, shutdown_runtime
+from .common import cosine_lr, main_rank_first, rank_batches, save_curves, setup_runtime, shutdown_runtime
 from .greedy import cached_greedy_cocs
 
 TTT_STEPS = 7
@@ -194,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "greedy_cache"
     train_table = load_split(args.data, "train", limit=args.train_scenes)
     val_table = load_split(args.data, "val", limit=args.val_scenes)
-    train = GreedyBatches(builder, train_table, cached_greedy_cocs(cache_dir, "train", target, builder, train_table))
-    val = GreedyBatches(builder, val_table, cached_greedy_cocs(cache_dir, "val", target, builder, val_table))
+    train, val = main_rank_first(runtime, lambda: (
+        GreedyBatches(builder, train_table, cached_greedy_cocs(cache_dir, "train", target, builder, train_table)),
+        GreedyBatches(builder, val_table, cached_greedy_cocs(cache_dir, "val", target, builder, val_table))))
 
     draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, args.position_mode), target.decoder.embed_tokens,
                        target.decoder.lm_head).to(runtime.device)
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             progress.write(f"step {step + 1}: val tau {tau:.3f}")
     if runtime.is_main:
         save_curves(Path(args.out) / "training_curves", curves, f"draft SFT ({args.position_mode})")
-        summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best, "args": vars(args)}
+        summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best,
+                   "processes": runtime.world_size, "args": vars(args)}
         (Path(args.out) / "training_summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary))
     shutdown_runtime(runtime)

@@ -66,5 +66,7 @@ def cached_greedy_cocs(cache_dir: Path, split: str, target: TargetVLA, builder: 
             return [by_seed[s] for s in seeds]
     cocs = greedy_cocs(target, builder, table.arrays["images"][:n], table.arrays["history_tokens"][:n])
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    cache_path.write_text("".join(json.dumps({"seed": s, "ids": c}) + "\n" for s, c in zip(seeds, cocs)))
+    partial = cache_path.with_suffix(".partial")  # a reader never sees a half-written cache
+    partial.write_text("".join(json.dumps({"seed": s, "ids": c}) + "\n" for s, c in zip(seeds, cocs)))
+    partial.replace(cache_path)
     return cocs

@@ -1,0 +1,46 @@
+"""The draft trainers run unchanged under torchrun: two CPU processes (gloo), each rank its own
+batches, one shared result."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from chain_spec_ros.data.dataset import generate
+from chain_spec_ros.paths import default_tokenizer_path
+from conftest import tiny_target
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    generate(root / "data", num=40, seed=3, workers=1)
+    target, _ = tiny_target(seed=0)
+    target.save_pretrained(root / "models" / "target")
+    (root / "models" / "tokenizer.json").write_bytes(default_tokenizer_path().read_bytes())
+    return root
+
+
+def _torchrun(module: str, *args: str) -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", module, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+
+def test_sft_and_aarl_under_torchrun(workspace):
+    data, target = str(workspace / "data"), str(workspace / "models" / "target")
+    sft, aarl = workspace / "runs" / "draft", workspace / "runs" / "aarl"
+    _torchrun("chain_spec_ros.training.draft", "--data", data, "--target", target, "--out", str(sft),
+              "--train-scenes", "16", "--val-scenes", "4", "--steps", "4", "--batch-size", "2", "--evals", "1")
+    summary = json.loads((sft / "training_summary.json").read_text())
+    assert summary["processes"] == 2 and (sft / "model.safetensors").is_file()
+    _torchrun("chain_spec_ros.training.aarl", "--data", data, "--target", target, "--draft", str(sft),
+              "--out", str(aarl), "--train-scenes", "16", "--val-scenes", "4", "--updates", "2", "--samples", "4",
+              "--evals", "1")
+    summary = json.loads((aarl / "aarl_summary.json").read_text())
+    assert summary["processes"] == 2 and (aarl / "model.safetensors").is_file()
+    cache = list((workspace / "runs" / "greedy_cache").glob("greedy_*.jsonl"))
+    assert len(cache) == 2 and not list((workspace / "runs" / "greedy_cache").glob("*.partial"))
