@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ..paths import default_models_dir
+from ..node_config import BACKENDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/ros_demo"))
     parser.add_argument("--rate", type=float, default=1.0, help="replay rate")
     parser.add_argument("--plan-rate", type=float, default=2.0, help="planning rate of the node (Hz, bag time)")
+    parser.add_argument("--backend", choices=BACKENDS, default="torch",
+                        help="the node's engines (onnxruntime needs MODELS/onnx: chain-spec-export)")
     args = parser.parse_args(argv)
 
     from .fixtures import NodeProcess, write_tiny_models
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("ROS_AUTOMATIC_DISCOVERY_RANGE", "LOCALHOST")
     env["PYTHONUNBUFFERED"] = "1"
     node_args = ["--ros-args", "-p", f"models_dir:={Path(models).resolve()}", "-p", "use_sim_time:=true",
-                 "-p", f"plan_rate_hz:={args.plan_rate}"]
+                 "-p", f"plan_rate_hz:={args.plan_rate}", "-p", f"backend:={args.backend}"]
     print(f"starting chain_spec_node on {models} (log: {args.out / 'node.log'})", flush=True)
     node = NodeProcess(node_args, env, args.out / "node.log")
     started = time.monotonic()
