@@ -49,9 +49,9 @@ import torch
 
 from .node_config import (FIELDS, NODE_NAME, ConfigError, NodeConfig, default_config_path, read_parameter_file,
                           validate)
+from .planner import PlanResult
 from .sensing import (NS, REJECTION_COUNTERS, RESIZED, InputError, SensingConfig, SensorBuffers, SensorFrame,
                       fit_size, image_from_compressed, image_from_raw, odometry_sample, stamp_ns)
-from .planner import PlanResult
 from .trajectory import STEP_SECONDS
 
 PERCENTILES = (50, 95, 99)

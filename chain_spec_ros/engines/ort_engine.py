@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Iterable, Sequence
@@ -350,6 +351,7 @@ class GraphDraftEngine(GraphEngineBase, DraftEngine):
         self._append_step(key, call, t)
         return call.outputs["hidden"].clone(), caller_copy(call.outputs["logits"][0])
 
+
 # --- ONNX Runtime ----------------------------------------------------------------------------------
 
 @dataclass
@@ -448,9 +450,10 @@ def resolve_providers(options: OrtOptions, onnx_dir: Path) -> tuple[list, torch.
 _shared_pool_threads: int | None = None
 
 
-def use_shared_thread_pool(threads: int) -> int:
-    """Run every ONNX Runtime session of this process on one intra-op thread pool, and torch on
-    one thread; returns the pool's size (the first call's: the pool cannot be resized).
+def use_shared_thread_pool(threads: int) -> None:
+    """Run every ONNX Runtime session of this process on one intra-op thread pool of `threads`
+    threads, and torch on one thread. The pool is sized once per process: a later call asking
+    for another size gets a warning and the first size.
 
     Why: the engines hold eight sessions (vision, decoder and its fixed-size variants, expert,
     draft step, fusion) and call them in turn. With a pool per session, and torch's own OpenMP
@@ -465,8 +468,10 @@ def use_shared_thread_pool(threads: int) -> int:
     if _shared_pool_threads is None:
         ort.set_global_thread_pool_sizes(threads, 1)
         _shared_pool_threads = threads
+    elif threads != _shared_pool_threads:
+        warnings.warn(f"ONNX Runtime's thread pool already has {_shared_pool_threads} threads in this process; "
+                      f"{threads} were asked for", RuntimeWarning, stacklevel=2)
     torch.set_num_threads(1)
-    return _shared_pool_threads
 
 
 def session_options():
@@ -505,7 +510,7 @@ def _load_ort_engines(models: Path, draft_dir, options: OrtOptions, manifest: di
                       ) -> tuple[GraphTargetEngine, GraphDraftEngine | None]:
     onnx_dir = Path(manifest["dir"])
     providers, device, reason = resolve_providers(options, onnx_dir)
-    threads = use_shared_thread_pool(options.intra_op_threads or torch.get_num_threads())
+    use_shared_thread_pool(options.intra_op_threads or torch.get_num_threads())
     so = session_options()
 
     def graphs(*names: str) -> dict[str, OrtGraph]:
@@ -528,6 +533,5 @@ def _load_ort_engines(models: Path, draft_dir, options: OrtOptions, manifest: di
     for engine in (target, draft):
         if engine is not None:
             engine.providers = [name for name, _ in providers]
-            engine.threads = threads
             engine.fallback_reason = reason
     return target, draft

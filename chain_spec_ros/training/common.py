@@ -75,9 +75,10 @@ def average_gradients(module: torch.nn.Module, runtime: Runtime) -> None:
     if runtime.world_size == 1:
         return
     for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= runtime.world_size
+        if p.grad is None:  # every rank must reduce the same tensors, or the collectives hang
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= runtime.world_size
 
 
 def shutdown_runtime(runtime: Runtime) -> None:
