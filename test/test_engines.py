@@ -61,7 +61,7 @@ def _backends():
     """(backend, build_engines keyword arguments) of every non-torch backend this machine has."""
     import onnxruntime as ort
 
-    found = [pytest.param(("onnxruntime", {"providers": ["CPUExecutionProvider"], "threads": 1}), id="ort-cpu")]
+    found = [pytest.param(("onnxruntime", {"providers": ["CPUExecutionProvider"]}), id="ort-cpu")]
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
         found.append(pytest.param(("onnxruntime", {"providers": ["CUDAExecutionProvider"]}), id="ort-cuda"))
     found.append(pytest.param(("tensorrt", {}), id="tensorrt",
@@ -347,7 +347,7 @@ def test_stale_draft_export_is_reported(models, tmp_path):
 
 @pytest.mark.skipif(_tensorrt_skip_reason() is None, reason="tensorrt is installed here: nothing to fall back from")
 def test_tensorrt_falls_back_to_onnxruntime_and_says_why(models):
-    target, draft = build_engines(models, "tensorrt", models / "draft", threads=1)
+    target, draft = build_engines(models, "tensorrt", models / "draft")
     assert target.backend == draft.backend == "onnxruntime"
     assert "tensorrt backend unavailable" in target.fallback_reason
 
@@ -364,3 +364,20 @@ def test_missing_execution_provider_falls_back_to_cpu(models):
 def test_unknown_backend_is_rejected(models):
     with pytest.raises(ValueError, match="unknown backend"):
         build_engines(models, "tvm")
+
+
+def test_onnxruntime_thread_pool_is_sized_once():
+    import warnings
+
+    from chain_spec_ros.engines import ort_engine
+
+    ort_engine.use_shared_thread_pool()  # made here, or kept from an earlier load
+    size = ort_engine._shared_pool_threads
+    assert size >= 1 and torch.get_num_threads() == 1  # torch only glues
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ort_engine.use_shared_thread_pool()  # the default accepts the pool there is
+        ort_engine.use_shared_thread_pool(size)
+    with pytest.warns(RuntimeWarning, match=f"already has {size} threads"):
+        ort_engine.use_shared_thread_pool(size + 1)
+    assert ort_engine._shared_pool_threads == size

@@ -361,8 +361,8 @@ class OrtOptions:
     providers: in order of preference; None = CUDA when this onnxruntime build and torch can use
     it, else CPU. An explicitly requested provider that is missing is dropped and reported as the
     engine's `fallback_reason`. intra_op_threads: the size of the process's one ONNX Runtime
-    thread pool (see `use_shared_thread_pool`); 0 = torch.get_num_threads(), so one --threads
-    setting governs both backends. fp16 applies to the TensorRT provider only.
+    thread pool (see `use_shared_thread_pool`); 0 = torch.get_num_threads() when the pool is
+    made, so one --threads setting governs both backends. fp16 applies to the TensorRT provider only.
     """
 
     providers: Sequence[str] | None = None
@@ -450,10 +450,10 @@ def resolve_providers(options: OrtOptions, onnx_dir: Path) -> tuple[list, torch.
 _shared_pool_threads: int | None = None
 
 
-def use_shared_thread_pool(threads: int) -> None:
+def use_shared_thread_pool(threads: int = 0) -> None:
     """Run every ONNX Runtime session of this process on one intra-op thread pool of `threads`
-    threads, and torch on one thread. The pool is sized once per process: a later call asking
-    for another size gets a warning and the first size.
+    threads (0: torch's thread count at the first call), and torch on one thread. The pool is
+    sized once per process: a later call asking for another size gets a warning and the first.
 
     Why: the engines hold eight sessions (vision, decoder and its fixed-size variants, expert,
     draft step, fusion) and call them in turn. With a pool per session, and torch's own OpenMP
@@ -466,9 +466,9 @@ def use_shared_thread_pool(threads: int) -> None:
 
     global _shared_pool_threads
     if _shared_pool_threads is None:
-        ort.set_global_thread_pool_sizes(threads, 1)
-        _shared_pool_threads = threads
-    elif threads != _shared_pool_threads:
+        _shared_pool_threads = threads or torch.get_num_threads()
+        ort.set_global_thread_pool_sizes(_shared_pool_threads, 1)
+    elif threads and threads != _shared_pool_threads:
         warnings.warn(f"ONNX Runtime's thread pool already has {_shared_pool_threads} threads in this process; "
                       f"{threads} were asked for", RuntimeWarning, stacklevel=2)
     torch.set_num_threads(1)
@@ -510,7 +510,7 @@ def _load_ort_engines(models: Path, draft_dir, options: OrtOptions, manifest: di
                       ) -> tuple[GraphTargetEngine, GraphDraftEngine | None]:
     onnx_dir = Path(manifest["dir"])
     providers, device, reason = resolve_providers(options, onnx_dir)
-    use_shared_thread_pool(options.intra_op_threads or torch.get_num_threads())
+    use_shared_thread_pool(options.intra_op_threads)
     so = session_options()
 
     def graphs(*names: str) -> dict[str, OrtGraph]:
