@@ -26,16 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..data.dataset import load_split
 from ..models.decoder import causal_mask
 from ..models.draft import EagleDraft
 from ..models.target import TargetVLA
 from ..models.tokenizer import ChainTokenizer
 from ..prompt import PromptBuilder
 from ..scenarios.coc import decision_from_coc
-from .common import average_gradients, main_rank_first, save_curves, setup_runtime, shutdown_runtime
-from .draft import BestTauCheckpoint, GreedyBatches, target_features
-from .greedy import cached_greedy_cocs
+from .common import average_gradients, save_curves, setup_runtime, shutdown_runtime
+from .draft import BestTauCheckpoint, greedy_splits, target_features
 
 REPLACED = 5
 
@@ -137,11 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in reference.parameters():
         p.requires_grad_(False)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.draft).parent / "greedy_cache"
-    train_table = load_split(args.data, "train", limit=args.train_scenes)
-    val_table = load_split(args.data, "val", limit=args.val_scenes)
-    train, val = main_rank_first(runtime, lambda: (
-        GreedyBatches(builder, train_table, cached_greedy_cocs(cache_dir, "train", target, builder, train_table)),
-        GreedyBatches(builder, val_table, cached_greedy_cocs(cache_dir, "val", target, builder, val_table))))
+    train, val = greedy_splits(runtime, args.data, args.train_scenes, args.val_scenes, target, builder, cache_dir)
     tail = [builder.cot_end_id, builder.ids["<|traj_future_start|>"]]
 
     optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)

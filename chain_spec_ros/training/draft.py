@@ -31,7 +31,7 @@ from ..models.tokenizer import ChainTokenizer
 from ..engines.torch_engine import TorchDraftEngine, TorchTargetEngine
 from ..planner import Planner
 from ..prompt import PromptBuilder
-from .common import cosine_lr, main_rank_first, rank_batches, save_curves, setup_runtime, shutdown_runtime
+from .common import Runtime, cosine_lr, main_rank_first, rank_batches, save_curves, setup_runtime, shutdown_runtime
 from .greedy import cached_greedy_cocs
 
 TTT_STEPS = 7
@@ -63,6 +63,17 @@ class GreedyBatches:
             valid[row, : P + len(answer)] = True
         images = torch.from_numpy(np.concatenate([p.images for p in prompts]))
         return prompts[0], ids, valid, images
+
+
+def greedy_splits(runtime: Runtime, data: str, train_scenes: int, val_scenes: int, target: TargetVLA,
+                  builder: PromptBuilder, cache_dir: Path) -> tuple[GreedyBatches, GreedyBatches]:
+    """Train and validation batches of the target's own greedy CoCs, cached in cache_dir (rank 0
+    computes and writes the cache, the other ranks then read it)."""
+    def load(split: str, limit: int) -> GreedyBatches:
+        table = load_split(data, split, limit=limit)
+        return GreedyBatches(builder, table, cached_greedy_cocs(cache_dir, split, target, builder, table))
+
+    return main_rank_first(runtime, lambda: (load("train", train_scenes), load("val", val_scenes)))
 
 
 @torch.no_grad()
@@ -192,11 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = ChainTokenizer.load(args.tokenizer or target_dir.parent / "tokenizer.json")
     builder = PromptBuilder(tokenizer, *target.cfg.vision.grid)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "greedy_cache"
-    train_table = load_split(args.data, "train", limit=args.train_scenes)
-    val_table = load_split(args.data, "val", limit=args.val_scenes)
-    train, val = main_rank_first(runtime, lambda: (
-        GreedyBatches(builder, train_table, cached_greedy_cocs(cache_dir, "train", target, builder, train_table)),
-        GreedyBatches(builder, val_table, cached_greedy_cocs(cache_dir, "val", target, builder, val_table))))
+    train, val = greedy_splits(runtime, args.data, args.train_scenes, args.val_scenes, target, builder, cache_dir)
 
     draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, args.position_mode), target.decoder.embed_tokens,
                        target.decoder.lm_head).to(runtime.device)
