@@ -101,7 +101,6 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
         "verify_ms_per_scene": verify_ms / n,
         "stages_ms": mean,
         "divergent": divergent[:20],
-        "threads": torch.get_num_threads(),
     }
 
 
@@ -115,14 +114,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--limit", type=int)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, or the size of ONNX Runtime's one pool")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     speculative = load_planner(Path(args.models), args.backend, args.drafter, args.draft_dir, args.data, args.k)
     target_only = Planner(speculative.target, speculative.builder)  # same engine, same backend
     table = load_split(args.data, args.split, limit=args.limit)
-    report = {"drafter": args.drafter, "draft_dir": args.draft_dir, **run(target_only, speculative, table, args.limit)}
+    report = {"drafter": args.drafter, "draft_dir": args.draft_dir, "backend": speculative.backend,
+              "threads": args.threads, **run(target_only, speculative, table, args.limit)}
     text = json.dumps(report, indent=1)
     print(json.dumps({k: v for k, v in report.items() if k not in ("divergent", "stages_ms")}, indent=1))
     if args.json:

@@ -8,7 +8,7 @@ import torch
 from chain_spec_ros.drafters import EagleDrafter
 from chain_spec_ros.engines.torch_engine import TorchDraftEngine
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
-from chain_spec_ros.training.draft import target_features, ttt_loss, ttt_rollout
+from chain_spec_ros.training.draft import draft_vocabulary, target_features, ttt_loss, ttt_rollout
 from conftest import tiny_target
 
 
@@ -89,3 +89,29 @@ def test_last_only_pass_matches_the_full_pass(pair):
     assert full_cache.length == last_cache.length == 12
     for mine, theirs in zip(last_cache.get(0), full_cache.get(0)):
         torch.testing.assert_close(mine, theirs, atol=0, rtol=0)
+
+
+def test_proposals_come_from_the_draft_vocabulary(pair, tmp_path):
+    """`proposal_logits` are the full logits on the draft vocabulary and -inf outside it, so
+    drafting proposes vocabulary tokens only; the vocabulary travels with the saved draft."""
+    target, _ = pair
+    assert draft_vocabulary([[5, 9, 7, 2], [9, 3, 2]]) == [2, 3, 5, 7, 9]
+    config = DraftConfig.for_target(target.cfg.decoder)
+    config.vocab = [2, 3, 5, 7, 9, 120, 301]
+    draft = EagleDraft(config, target.decoder.embed_tokens, target.decoder.lm_head).eval()
+    draft.save_pretrained(tmp_path / "draft")
+    draft = EagleDraft.from_pretrained(tmp_path / "draft", target.decoder.embed_tokens, target.decoder.lm_head).eval()
+    assert draft.cfg.vocab == config.vocab
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 3, config.hidden_size)
+    with torch.no_grad():
+        full, proposal = draft.logits(hidden), draft.proposal_logits(hidden)
+    inside = torch.zeros(full.shape[-1], dtype=torch.bool)
+    inside[config.vocab] = True
+    torch.testing.assert_close(proposal[..., inside], full[..., inside])
+    assert torch.all(proposal[..., ~inside] == float("-inf"))
+    assert set(proposal.argmax(-1).flatten().tolist()) <= set(config.vocab)
+    engine = TorchDraftEngine(draft, "cpu")
+    engine.start(16)
+    _, logits = engine.step([5, 7], torch.randn(1, 2, config.hidden_size), torch.arange(2).expand(3, 2))
+    assert int(logits.argmax()) in config.vocab and torch.isinf(logits[~inside]).all()

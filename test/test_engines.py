@@ -51,7 +51,9 @@ def models(tmp_path_factory):
         target.expert.normalizer.mean.copy_(torch.tensor([0.3, -0.01]))
         target.expert.normalizer.std.copy_(torch.tensor([1.5, 0.02]))
     target.save_pretrained(root / "target")
-    draft = EagleDraft(DraftConfig.for_target(cfg.decoder), target.decoder.embed_tokens, target.decoder.lm_head)
+    draft_cfg = DraftConfig.for_target(cfg.decoder)  # with a draft vocabulary: the graphs compute its head rows only
+    draft_cfg.vocab = sorted({tok.id("<|cot_end|>"), *torch.randperm(tok.vocab_size)[:400].tolist()})
+    draft = EagleDraft(draft_cfg, target.decoder.embed_tokens, target.decoder.lm_head)
     draft.save_pretrained(root / "draft")
     assert export.main(["--models", str(root), "--draft", str(root / "draft")]) == 0  # the CLI, as a user runs it
     return root
@@ -96,9 +98,11 @@ def _prompt(builder, seed):
 
 
 def _diff(a, b) -> float:
+    """Largest absolute difference; equal infinities (tokens outside the draft vocabulary) count as 0."""
     if isinstance(a, list):
         return max(_diff(x, y) for x, y in zip(a, b))
-    return float((a.detach().cpu() - b.detach().cpu()).abs().max())
+    a, b = a.detach().cpu(), b.detach().cpu()
+    return float(torch.where(a == b, torch.zeros_like(a), a - b).abs().max())
 
 
 def _target_trace(engine, prompt):
@@ -129,8 +133,20 @@ def test_export_writes_checked_graphs_and_manifest(models):
     assert decoder["inputs"]["past_key_0"]["shape"] == [1, 2, "cache_len", 16]
     assert decoder["outputs"]["new_value_2"]["shape"] == [1, 2, "tokens", 16]
     assert manifest["graphs"]["draft_step"]["inputs"]["positions"]["shape"] == [3, "tokens"]
-    for graph in manifest["graphs"].values():
-        onnx.checker.check_model(str(models / "onnx" / graph["file"]))
+    for name, graph in manifest["graphs"].items():
+        model = onnx.load(str(models / "onnx" / graph["file"]))
+        onnx.checker.check_model(model)
+        if "kv_update" not in graph:
+            continue
+        # The fixed-size steps attend with GroupQueryAttention and write the cache in place; the
+        # dynamic ones (prefill, TensorRT) are plain ONNX and return the new keys/values.
+        in_place = graph["tokens"] is not None
+        assert graph["kv_update"] == ("in_place" if in_place else "append"), name
+        fused = sum(node.op_type == "GroupQueryAttention" for node in model.graph.node)
+        layers = 1 if name.startswith("draft") else manifest["target"]["num_layers"]
+        assert fused == (layers if in_place else 0), name
+        kv = [o for o in graph["outputs"] if o.startswith(("present_", "new_"))]
+        assert len(kv) == 2 * layers and all(o.startswith("present_" if in_place else "new_") for o in kv), name
 
 
 @pytest.mark.parametrize("mask", ["none", "causal", "keys"])
@@ -260,14 +276,19 @@ def test_decoding_steps_reuse_preallocated_buffers(pair, builder):
     logits, _ = engine.decode([7], prompt.rope_delta)
     engine.decode([7, 8, 9], prompt.rope_delta)
     calls = dict(engine._calls)
-    if engine.backend == "onnxruntime":  # decode runs the fixed 1-token graph, a 3-token verify the dynamic one
-        assert {("target_decoder_t1", 1, 1), ("target_decoder", 3, 3)} <= calls.keys()
-    buffers = {key: call.outputs["logits"].data_ptr() for key, call in calls.items() if key[0] == "target_decoder"}
+    if engine.backend == "onnxruntime":  # decode runs the fixed 1-token graph, a 3-token verify the k + 1 one, padded
+        verify = export.fixed_name("target_decoder", DEFAULT_K + 1)
+        assert {("target_decoder_t1", 1, 1), (verify, DEFAULT_K + 1, DEFAULT_K + 1)} <= calls.keys()
+    buffers = {key: call.outputs["logits"].data_ptr() for key, call in calls.items() if key[0].startswith("target_decoder")}
     for _ in range(5):
         returned, _ = engine.decode([7], prompt.rope_delta)
         engine.decode([7, 8, 9], prompt.rope_delta)
         engine.crop(engine.length - 2)
     assert engine.cache.data_ptr() == cache  # appended in place, rolled back without a copy
+    for key, call in calls.items():  # fixed-size steps write the cache themselves: their outputs alias it
+        if engine.backend == "onnxruntime" and key[0].startswith("target_decoder_"):
+            assert "new_kv" not in call.extra
+            assert call.outputs["present_key_0"].data_ptr() == call.inputs["past_key_0"].data_ptr()
     assert engine._calls.keys() == calls.keys()  # no new binding per step
     assert {key: calls[key].outputs["logits"].data_ptr() for key in buffers} == buffers
     assert returned.data_ptr() not in buffers.values()  # the caller owns what it gets
@@ -280,6 +301,30 @@ def test_decoding_steps_reuse_preallocated_buffers(pair, builder):
         hidden, _ = draft.step([j], hidden, prompt.positions(j, 1, "flat"))
     draft.crop(1)
     assert draft.cache.data_ptr() == cache and draft.length == 1
+
+
+def test_verify_without_room_for_padding_runs_the_dynamic_graph(pair, builder, monkeypatch):
+    """A short verify is padded to the k + 1 graph only when the cache has room for the padding;
+    near the end of the buffer it runs the dynamic graph, with the same logits either way."""
+    (engine, _), (reference, _) = pair
+    prompt = _prompt(builder, 5)
+    engine.start(len(prompt) + 8)  # the buffer may be larger: start keeps a bigger one
+    slots = engine.cache.shape[4] if isinstance(engine, GraphTargetEngine) else len(prompt) + 8
+    results = []
+    for e in (engine, reference):
+        e.start(slots)
+        e.prefill(prompt.input_ids, e.encode_images(prompt.images), prompt.mrope_positions)
+        while e.length < slots - 6:  # 6 slots left: room for a 4-token verify, not for its padding to k + 1
+            e.decode([11], prompt.rope_delta)
+        widths = []
+        if e is engine and isinstance(e, GraphTargetEngine):
+            dynamic = e.graphs["target_decoder"]
+            monkeypatch.setattr(dynamic, "run", lambda handle, run=dynamic.run: widths.append(handle) or run(handle))
+        results.append(e.decode([12, 13, 14, 15], prompt.rope_delta))
+        assert e.length == slots - 2
+        if e is engine and isinstance(e, GraphTargetEngine):
+            assert len(widths) == 1  # the verify ran the dynamic graph
+    assert _diff(results[0][0], results[1][0]) < TOL and _diff(results[0][1], results[1][1]) < TOL
 
 
 def test_tensorrt_profiles_cover_every_graph_input(models):

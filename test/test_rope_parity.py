@@ -13,8 +13,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (  # noqa: E402
 
 from chain_spec_ros.models.rope import (  # noqa: E402
     RotaryEmbedding,
-    apply_rotary,
     mrope_position_ids,
+    rotate,
     scaled_mrope_section,
     text_position_ids,
 )
@@ -118,7 +118,7 @@ def test_rotary_matches_transformers(head_dim, section):
     q = torch.randn(2, 4, 11, head_dim, generator=g)
     k = torch.randn(2, 2, 11, head_dim, generator=g)
     hq, hk = apply_rotary_pos_emb(q, k, hf_cos, hf_sin)
-    oq, ok = apply_rotary(q, k, cos, sin)
+    oq, ok = rotate(q, cos, sin), rotate(k, cos, sin)
     torch.testing.assert_close(oq, hq, atol=1e-5, rtol=0)
     torch.testing.assert_close(ok, hk, atol=1e-5, rtol=0)
 

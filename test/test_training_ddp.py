@@ -37,10 +37,21 @@ def test_sft_and_aarl_under_torchrun(workspace):
               "--train-scenes", "16", "--val-scenes", "4", "--steps", "4", "--batch-size", "2", "--evals", "1")
     summary = json.loads((sft / "training_summary.json").read_text())
     assert summary["processes"] == 2 and (sft / "model.safetensors").is_file()
+    vocab = json.loads((sft / "config.json").read_text())["vocab"]  # the tokens of the training CoCs
+    assert len(vocab) > 1 and vocab == sorted(set(vocab))
     _torchrun("chain_spec_ros.training.aarl", "--data", data, "--target", target, "--draft", str(sft),
               "--out", str(aarl), "--train-scenes", "16", "--val-scenes", "4", "--updates", "2", "--samples", "4",
               "--evals", "1")
     summary = json.loads((aarl / "aarl_summary.json").read_text())
     assert summary["processes"] == 2 and (aarl / "model.safetensors").is_file()
+    assert json.loads((aarl / "config.json").read_text())["vocab"] == vocab
+    # A draft trained before draft vocabularies existed gets one without retraining.
+    config = json.loads((aarl / "config.json").read_text())
+    (aarl / "config.json").write_text(json.dumps({**config, "vocab": None}))
+    done = subprocess.run([sys.executable, "-m", "chain_spec_ros.training.draft", "--data", data, "--target", target,
+                           "--out", str(aarl), "--train-scenes", "16", "--val-scenes", "4", "--vocab-only"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert json.loads((aarl / "config.json").read_text())["vocab"] == vocab
     cache = list((workspace / "runs" / "greedy_cache").glob("greedy_*.jsonl"))
     assert len(cache) == 2 and not list((workspace / "runs" / "greedy_cache").glob("*.partial"))

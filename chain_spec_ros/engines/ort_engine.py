@@ -9,13 +9,17 @@ replays fixed-shape steps as CUDA graphs through the `_launch` / `_stream_contex
 Memory: each engine owns one KV tensor [layers, 2, 1, kv_heads, S, head_dim] (a key and a value
 view per layer are the graphs' `past_*` inputs) plus, per distinct call shape (prefill P, decode
 1, verify k + 1, ...), a set of input/output buffers bound to the graph once. A step writes its
-few inputs into those buffers, runs, and appends the T new keys/values with one `index_copy_`
-over all layers; `crop` only lowers the valid length. So a decoding step allocates nothing but
-the tensors it returns to the caller (copies: the caller owns them, as with the torch engine).
+few inputs into those buffers and runs; the T new keys/values land in the cache either inside
+the graph (fixed-size steps: their `present_*` outputs are bound to the `past_*` memory) or by
+one `index_copy_` over all layers after it (the dynamic-size graphs); `crop` only lowers the
+valid length. So a decoding step allocates nothing but the tensors it returns to the caller
+(copies: the caller owns them, as with the torch engine).
 
 A step of T tokens runs the fixed-size graph exported for T when there is one (decode: 1,
 verify: k + 1, draft chain step: 1), else the graph with a dynamic token axis (prefill, other
-verify widths); see export.export_target for why.
+verify widths); see export.export_target for why. The fixed-size graphs use ONNX Runtime's
+GroupQueryAttention, whose CUDA kernels are fp16/bf16 only: on the CUDA provider the fp32
+engines run the dynamic graphs at every size.
 
 Buffers are torch tensors on the engine's device (CPU, or CUDA for ONNX Runtime's CUDA /
 TensorRT providers and for TensorRT), handed to the runtime by address. The CUDA paths are
@@ -39,7 +43,8 @@ from ..models.config import TargetConfig
 from ..models.draft import DraftConfig
 from ..models.expert import integrate_unicycle
 from .base import DraftEngine, TargetEngine, TrajectoryOut
-from .export import EMBED_TABLE, ExportError, fixed_name, hidden_name, load_manifest, new_kv_names, past_names
+from .export import (EMBED_TABLE, ExportError, fixed_name, hidden_name, load_manifest, new_kv_names, past_names,
+                     present_names)
 
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")  # the best this machine has
@@ -85,8 +90,8 @@ class GraphEngineBase:
 
     max_calls = 32  # bound shapes kept (prefill lengths vary by prompt layout; decode/verify stay)
 
-    def __init__(self, graphs: dict[str, object], device: torch.device, backend: str):
-        self.graphs, self.device, self.backend = graphs, torch.device(device), backend
+    def __init__(self, graphs: dict[str, object], manifest: dict, device: torch.device, backend: str):
+        self.graphs, self.manifest, self.device, self.backend = graphs, manifest, torch.device(device), backend
         self.fallback_reason: str | None = None
         self.cache: Tensor | None = None
         self._length = 0
@@ -131,20 +136,24 @@ class GraphEngineBase:
 
     def _append_step(self, key: tuple, call: Call, num_new: int, before_run: Callable[[], None] | None = None) -> None:
         """Run a cache-reading call for `num_new` new tokens after the valid prefix and append its
-        keys/values. `before_run` (device work on the call's buffers, e.g. the embedding gather)
-        belongs to the step, so a CUDA-graph launcher may capture it with the run."""
+        keys/values (an in-place graph has written them already). `before_run` (device work on the
+        call's buffers, e.g. the embedding gather) belongs to the step, so a CUDA-graph launcher
+        may capture it with the run."""
         start = self._length
         if start + num_new > self.cache.shape[4]:
             raise RuntimeError(f"KV cache overflow: {start + num_new} > {self.cache.shape[4]}")
         write_ints(self.past_length, [start])
-        write_ints(call.extra["write_index"], np.arange(start, start + num_new))
+        appends = "new_kv" in call.extra
+        if appends:
+            write_ints(call.extra["write_index"], np.arange(start, start + num_new))
         graph = self.graphs[key[0]]
 
         def step() -> None:
             if before_run is not None:
                 before_run()
             graph.run(call.handle)
-            self.cache.index_copy_(4, call.extra["write_index"], call.extra["new_kv"])
+            if appends:
+                self.cache.index_copy_(4, call.extra["write_index"], call.extra["new_kv"])
 
         self._launch(key, call, step)
         self._length = start + num_new
@@ -157,11 +166,19 @@ class GraphEngineBase:
         """Where the engine's device work is queued; TensorRT overrides it with its one stream."""
         return contextlib.nullcontext()
 
-    def _kv_outputs(self, layers: int, kv_heads: int, tokens: int, head_dim: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _kv_outputs(self, graph: str, tokens: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(engine-side buffers, output bindings) for a step graph's keys/values: an in-place
+        graph's present_* outputs are the cache itself (the same memory as its past_* inputs);
+        an appending graph's new_* outputs go to a [layers, 2, 1, kv_heads, T, head_dim] tensor
+        that `_append_step` copies into the cache at the write index."""
+        layers, _, _, kv_heads, _, head_dim = self.cache.shape
+        if self.manifest["graphs"][graph].get("kv_update") == "in_place":
+            past = self._past()
+            return {}, dict(zip(present_names(layers), (past[name] for name in past_names(layers))))
         new_kv = torch.empty(layers, 2, 1, kv_heads, tokens, head_dim, device=self.device)
         names = new_kv_names(layers)
         views = {**{names[i]: new_kv[i, 0] for i in range(layers)}, **{names[layers + i]: new_kv[i, 1] for i in range(layers)}}
-        return new_kv, views
+        return {"new_kv": new_kv, "write_index": self._empty(tokens, dtype=torch.long)}, views
 
     def _empty(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.empty(*shape, dtype=dtype, device=self.device)
@@ -172,9 +189,9 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
 
     def __init__(self, graphs: dict[str, object], manifest: dict, config: TargetConfig, feature_layers: Sequence[int],
                  device: torch.device | str, backend: str):
-        super().__init__(graphs, torch.device(device), backend)
+        super().__init__(graphs, manifest, torch.device(device), backend)
         spec = manifest["target"]
-        self.manifest, self.config, self.spec = manifest, config, spec
+        self.config, self.spec = config, spec
         n = spec["num_layers"]
         self.feature_layers = list(feature_layers)
         exported = spec["feature_layers"]
@@ -183,6 +200,8 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
             raise ExportError(f"the draft reads target layers {missing}, but the ONNX export returns only {exported}; "
                               f"re-export with chain-spec-export --draft DRAFT")
         self._feature_rows = [exported.index(layer % n) for layer in self.feature_layers]
+        self._fixed_widths = sorted(manifest["graphs"][name]["tokens"] for name in graphs
+                                    if name.startswith("target_decoder_"))
         self.embed = torch.from_numpy(np.load(Path(manifest["dir"]) / EMBED_TABLE)).to(self.device)
         self.action_mean = torch.tensor(spec["action_mean"], dtype=torch.float32, device=self.device)
         self.action_std = torch.tensor(spec["action_std"], dtype=torch.float32, device=self.device)
@@ -215,21 +234,19 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
         def make() -> Call:
             d, exported = s["hidden_size"], s["feature_layers"]
             hidden = self._empty(len(exported), 1, tokens, d)
-            new_kv, kv_views = self._kv_outputs(s["num_layers"], s["num_kv_heads"], tokens, s["head_dim"])
+            kv_extra, kv_views = self._kv_outputs(key[0], tokens)
             logit_index = self._empty(logit_rows, dtype=torch.long)
             write_ints(logit_index, np.arange(tokens - logit_rows, tokens))
             inputs = {"inputs_embeds": self._empty(1, tokens, d), "positions": self._empty(3, tokens, dtype=torch.long),
                       "past_length": self.past_length, "logit_index": logit_index, **self._past()}
             outputs = {"logits": self._empty(1, logit_rows, s["vocab_size"]),
                        **{hidden_name(layer): hidden[j] for j, layer in enumerate(exported)}, **kv_views}
-            return Call(inputs, outputs, extra={"hidden": hidden, "new_kv": new_kv,
-                                                "ids": self._empty(tokens, dtype=torch.long),
-                                                "write_index": self._empty(tokens, dtype=torch.long)})
+            return Call(inputs, outputs, extra={"hidden": hidden, "ids": self._empty(tokens, dtype=torch.long), **kv_extra})
 
         return key, self._call(key, make)
 
-    def _features(self, call: Call) -> list[Tensor]:
-        return [caller_copy(call.extra["hidden"][row]) for row in self._feature_rows]
+    def _features(self, call: Call, tokens: int) -> list[Tensor]:
+        return [caller_copy(call.extra["hidden"][row, :, :tokens]) for row in self._feature_rows]
 
     @on_engine_stream
     def prefill(self, input_ids: np.ndarray, image_embeds: Tensor | None, positions: Tensor) -> tuple[Tensor, list[Tensor]]:
@@ -240,18 +257,25 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
         splice_image_embeds(embeds, ids == self.config.image_pad_id, image_embeds)
         call.inputs["positions"].copy_(positions)
         self._append_step(key, call, len(input_ids))
-        return caller_copy(call.outputs["logits"][0, -1]), self._features(call)
+        return caller_copy(call.outputs["logits"][0, -1]), self._features(call, len(input_ids))
 
     @on_engine_stream
     def decode(self, tokens: list[int], rope_delta: int) -> tuple[Tensor, list[Tensor]]:
-        key, call = self._decoder_call(len(tokens), len(tokens))
-        write_ints(call.extra["ids"], tokens)
-        first = self._length + rope_delta
-        write_ints(call.inputs["positions"], np.arange(first, first + len(tokens)))
+        """A block of T tokens runs padded to the narrowest fixed-size graph that takes it (a
+        last verify cut short by `<|cot_end|>`: the k + 1 graph costs less than the dynamic one).
+        The padding repeats the last token after the real ones, so causal attention keeps it out
+        of their logits; its keys/values land past the valid length, where nothing reads them."""
+        start, n = self._length, len(tokens)
+        width = min((w for w in self._fixed_widths if n <= w and start + w <= self.cache.shape[4]), default=n)
+        key, call = self._decoder_call(width, width)
+        write_ints(call.extra["ids"], tokens + tokens[-1:] * (width - n))
+        first = start + rope_delta
+        write_ints(call.inputs["positions"], np.arange(first, first + width))
         embeds = call.inputs["inputs_embeds"][0]
-        self._append_step(key, call, len(tokens),
+        self._append_step(key, call, width,
                           before_run=lambda: torch.index_select(self.embed, 0, call.extra["ids"], out=embeds))
-        return caller_copy(call.outputs["logits"][0]), self._features(call)
+        self._length = start + n
+        return caller_copy(call.outputs["logits"][0, :n]), self._features(call, n)
 
     @on_engine_stream
     def trajectory(self, rope_delta: int, speed: float, steps: int | None, seed: int) -> TrajectoryOut:
@@ -310,8 +334,8 @@ class GraphDraftEngine(GraphEngineBase, DraftEngine):
 
     def __init__(self, graphs: dict[str, object], manifest: dict, config: DraftConfig, device: torch.device | str,
                  backend: str):
-        super().__init__(graphs, torch.device(device), backend)
-        self.manifest, self.config = manifest, config
+        super().__init__(graphs, manifest, torch.device(device), backend)
+        self.config = config
 
     @on_engine_stream
     def start(self, max_len: int) -> None:
@@ -336,12 +360,12 @@ class GraphDraftEngine(GraphEngineBase, DraftEngine):
         c, t = self.config, len(tokens)
 
         def make() -> Call:
-            new_kv, kv_views = self._kv_outputs(1, c.num_kv_heads, t, c.head_dim)
+            kv_extra, kv_views = self._kv_outputs(key[0], t)
             inputs = {"token_ids": self._empty(1, t, dtype=torch.long), "features": self._empty(1, t, c.hidden_size),
                       "positions": self._empty(3, t, dtype=torch.long), "past_length": self.past_length, **self._past()}
             outputs = {"hidden": self._empty(1, 1, c.hidden_size), "logits": self._empty(1, self.manifest["target"]["vocab_size"]),
                        **kv_views}
-            return Call(inputs, outputs, extra={"new_kv": new_kv, "write_index": self._empty(t, dtype=torch.long)})
+            return Call(inputs, outputs, extra=kv_extra)
 
         key = (step_graph(self.graphs, "draft_step", t), t)
         call = self._call(key, make)
@@ -524,6 +548,8 @@ def _load_ort_engines(models: Path, draft_dir, options: OrtOptions, manifest: di
     draft_config = DraftConfig.load(Path(draft_dir) / "config.json") if draft_dir is not None else None
     layers = list(draft_config.feature_layers) if draft_config is not None else []
     names = list(manifest["graphs"])  # the core graphs and their fixed-size variants
+    if device.type == "cuda":  # GroupQueryAttention (the in-place steps) has fp16/bf16 CUDA kernels only
+        names = [n for n in names if manifest["graphs"][n].get("kv_update") != "in_place"]
     target = GraphTargetEngine(graphs(*[n for n in names if n.startswith("target_")]), manifest, config, layers,
                                device, "onnxruntime")
     draft = None

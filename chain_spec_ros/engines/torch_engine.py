@@ -80,7 +80,7 @@ class TorchDraftEngine(DraftEngine):
     def step(self, tokens: list[int], features: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         hidden = self.draft(torch.tensor([tokens], device=self.device), features.to(self.device),
                             positions[:, None].to(self.device), self.cache, last_only=True)
-        return hidden, self.draft.logits(hidden)[0, -1].cpu()
+        return hidden, self.draft.proposal_logits(hidden)[0, -1].cpu()
 
     def crop(self, length: int) -> None:
         self.cache.crop(length)

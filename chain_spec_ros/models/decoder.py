@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .config import DecoderConfig
 from .kv_cache import KVCache
-from .rope import RotaryEmbedding, apply_rotary
+from .rope import RotaryEmbedding, rotate
 
 # Given this forward's rotated keys/values [B, kv_heads, T, head_dim], return what to attend over.
 KVHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -50,22 +50,26 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Rotated q [B, heads, T, hd] and k, v [B, kv_heads, T, hd] (also used by attention analysis)."""
+    def project(self, x: Tensor, cos: Tensor, sin: Tensor, last_query_only: bool = False
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated q [B, heads, T, hd] (the last position's only, [B, heads, 1, hd], with
+        last_query_only) and k, v [B, kv_heads, T, hd]. Also used by attention analysis."""
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2)
+        k = rotate(self.k_norm(self.k_proj(x).view(B, T, -1, self.head_dim)).transpose(1, 2), cos, sin)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
-        return q, k, v
+        if last_query_only:
+            x, cos, sin = x[:, -1:], cos[:, -1:], sin[:, -1:]
+        q = self.q_norm(self.q_proj(x).view(B, x.shape[1], -1, self.head_dim)).transpose(1, 2)
+        return rotate(q, cos, sin), k, v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_hook: KVHook | None,
                 mask: Tensor | None, last_only: bool = False) -> Tensor:
-        q, k, v = self.project(x, cos, sin)
+        """last_only: every position's key and value goes to kv_hook, but only the last position
+        queries (the others' outputs are never read)."""
+        q, k, v = self.project(x, cos, sin, last_query_only=last_only)
         if kv_hook is not None:  # cache the rotated keys, so cached keys never need re-rotation
             k, v = kv_hook(k, v)
-        if last_only:  # every key and value is in the cache now; only the last query is wanted
-            q = q[:, :, -1:]
+        if last_only:
             mask = None if mask is None else mask[..., -1:, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], q.shape[2], -1))

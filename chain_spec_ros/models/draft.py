@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -44,6 +45,9 @@ class DraftConfig:
     feature_layers: list[int] = field(default_factory=list)  # target layers fused (low, middle, high)
     position_mode: str = "flat"
     max_positions: int = 512
+    # The draft vocabulary (EAGLE-3): the token ids drafting may propose, the tokens of the
+    # training CoCs; None = the target's whole vocabulary. See `EagleDraft.proposal_logits`.
+    vocab: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.position_mode not in POSITION_MODES:
@@ -81,6 +85,8 @@ class EagleDraft(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         # The target's embedding and LM head: used, never trained, never saved with the draft.
         self._shared = (embed_tokens, lm_head)
+        vocab = None if cfg.vocab is None else torch.tensor(sorted(cfg.vocab), dtype=torch.long)
+        self.register_buffer("vocab", vocab, persistent=False)
 
     def fuse_features(self, target_hidden: list[Tensor]) -> Tensor:
         """Target hidden states of the feature layers [B, T, D] each -> fused features [B, T, D]."""
@@ -90,7 +96,22 @@ class EagleDraft(nn.Module):
         return self._shared[0](token_ids)
 
     def logits(self, hidden: Tensor) -> Tensor:
+        """Logits over the target's whole vocabulary (what training and AARL's KL read)."""
         return self._shared[1](self.norm(hidden))
+
+    def proposal_logits(self, hidden: Tensor) -> Tensor:
+        """What drafting proposes from: `logits` with the tokens outside the draft vocabulary at
+        -inf, computing only the vocabulary's rows of the LM head. A CoC uses a few hundred of the
+        target's tokens (151k for Qwen3-VL), so the head shrinks to a small fraction; greedy
+        proposals are unchanged whenever the full argmax lies in the vocabulary, and the output
+        stays the target's whatever the draft proposes."""
+        if self.vocab is None:
+            return self.logits(hidden)
+        weight = self._shared[1].weight
+        inside = F.linear(self.norm(hidden), weight[self.vocab])
+        outside = torch.full((*inside.shape[:-1], weight.shape[0]), float("-inf"), dtype=inside.dtype,
+                             device=inside.device)
+        return outside.index_copy(-1, self.vocab, inside)
 
     def inputs(self, token_ids: Tensor, features: Tensor) -> Tensor:
         return self.input_proj(torch.cat([self.embed_norm(self.embed(token_ids)), self.feature_norm(features)], -1))

@@ -76,6 +76,11 @@ def greedy_splits(runtime: Runtime, data: str, train_scenes: int, val_scenes: in
     return main_rank_first(runtime, lambda: (load("train", train_scenes), load("val", val_scenes)))
 
 
+def draft_vocabulary(answers: list[list[int]]) -> list[int]:
+    """The draft vocabulary: every token of the training answers (greedy CoCs + `<|cot_end|>`)."""
+    return sorted({token for answer in answers for token in answer})
+
+
 @torch.no_grad()
 def target_features(target: TargetVLA, prompt, ids: torch.Tensor, images: torch.Tensor, layers: list[int]):
     """The target's hidden states of the feature layers over prompt + answer (teacher forced)."""
@@ -193,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--evals", type=int, default=5, help="validation-tau checkpoints during training")
     parser.add_argument("--cache-dir", help="where greedy target outputs are cached (default: OUT/../greedy_cache)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vocab-only", action="store_true",
+                        help="only write the draft vocabulary of the training scenes into the config of the draft in OUT")
     args = parser.parse_args(argv)
 
     runtime = setup_runtime(args.seed)
@@ -204,9 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     builder = PromptBuilder(tokenizer, *target.cfg.vision.grid)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "greedy_cache"
     train, val = greedy_splits(runtime, args.data, args.train_scenes, args.val_scenes, target, builder, cache_dir)
+    vocab = draft_vocabulary(train.answers)
+    if args.vocab_only:
+        config = DraftConfig.load(Path(args.out) / "config.json")
+        config.vocab = vocab
+        if runtime.is_main:
+            config.save(Path(args.out) / "config.json")
+            print(f"draft vocabulary: {len(vocab)} of {target.cfg.decoder.vocab_size} tokens -> {args.out}/config.json")
+        shutdown_runtime(runtime)
+        return 0
 
-    draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, args.position_mode), target.decoder.embed_tokens,
-                       target.decoder.lm_head).to(runtime.device)
+    config = DraftConfig.for_target(target.cfg.decoder, args.position_mode)
+    config.vocab = vocab
+    draft = EagleDraft(config, target.decoder.embed_tokens, target.decoder.lm_head).to(runtime.device)
     wrapped = runtime.wrap(_TTTObjective(draft, target))
     optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     checkpoint = BestTauCheckpoint(target, val, args.val_scenes, args.out)
