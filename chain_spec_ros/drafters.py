@@ -32,8 +32,9 @@ class EagleDrafter:
 
     def __init__(self, engine: DraftEngine, stop_id: int | None = None, min_confidence: float = 0.0):
         """Drafting stops early after `stop_id` (nothing follows the end of the CoC) and, when
-        min_confidence > 0 (greedy mode), after a token whose draft probability is below it,
-        since a likely rejection only costs draft steps and verify width."""
+        min_confidence > 0 (greedy mode), after a token whose draft probability (over the draft
+        vocabulary, see `EagleDraft.proposal_logits`) is below it, since a likely rejection only
+        costs draft steps and verify width."""
         self.engine, self.stop_id, self.min_confidence = engine, stop_id, min_confidence
         self.feature_layers = list(engine.config.feature_layers)
         self.mode = engine.config.position_mode

@@ -1,6 +1,7 @@
 """The draft trainers run unchanged under torchrun: two CPU processes (gloo), each rank its own
 batches, one shared result."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,6 +46,9 @@ def test_sft_and_aarl_under_torchrun(workspace):
     summary = json.loads((aarl / "aarl_summary.json").read_text())
     assert summary["processes"] == 2 and (aarl / "model.safetensors").is_file()
     assert json.loads((aarl / "config.json").read_text())["vocab"] == vocab
+    # The policy is the proposal distribution, -inf outside the vocabulary: rewards and KL stay finite.
+    curves = json.loads((aarl / "aarl_curves.json").read_text())
+    assert curves["reward"] and all(math.isfinite(v) for points in curves.values() for _, v in points)
     # A draft trained before draft vocabularies existed gets one without retraining.
     config = json.loads((aarl / "config.json").read_text())
     (aarl / "config.json").write_text(json.dumps({**config, "vocab": None}))

@@ -190,7 +190,7 @@ class _InPlaceCacheAttention:
         if q.shape[2] != k.shape[2] or attn_mask is not None or scale is not None:
             raise ValueError("in-place cache attention needs one query per new key (no last_only over T > 1), "
                              "its own causal mask and the default scale")
-        past_k, past_v = self._pending
+        (past_k, past_v), self._pending = self._pending, None
         sizes = (q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3])
         y, present_k, present_v = _GroupQueryAttention.apply(q, k, v, past_k, past_v, self.past_length, sizes)
         self.presents.append((present_k, present_v))
@@ -411,7 +411,7 @@ def _graph_io(path: Path) -> dict:
 
 
 def fixed_name(graph: str, tokens: int) -> str:
-    """The fixed-token variant of a step graph, e.g. target_decoder_t8 for a k = 7 verify."""
+    """The fixed-token variant of a step graph, e.g. target_decoder_t17 for a k = 16 verify."""
     return f"{graph}_t{tokens}"
 
 
@@ -432,7 +432,7 @@ def _step_entry(path: Path, fixed: int | None, in_place: bool) -> dict:
 
 
 def export_target(model: TargetVLA, out: Path, feature_layers: Sequence[int], opset: int = OPSET,
-                  fixed_tokens: Sequence[int] = (1, 8)) -> dict:
+                  fixed_tokens: Sequence[int] = (1, DEFAULT_K + 1)) -> dict:
     """Vision encoder, decoder step and expert step of `model` into `out`; returns the manifest's
     graph entries.
 

@@ -8,7 +8,10 @@ the target and its trajectory expert on every modified CoC, and reward each samp
 reward minus the group mean (GRPO style). The loss is
     -advantage x sum of log pi over the replaced positions + 0.02 x KL(pi || pi_ref),
 with pi_ref a frozen copy of the SFT draft that is never refreshed (the static-reference KL
-anchor), applied at CoC positions where pi_ref's argmax matches the target. The checkpoint
+anchor), applied at CoC positions where pi_ref's argmax matches the target. pi is the draft's
+proposal distribution (`EagleDraft.proposal_logits`: its vocabulary only), the one drafting
+greedily picks from and samples from, so disagreements and samples are those of deployment;
+the KL compares the whole-vocabulary distributions. The checkpoint
 with the best validation tau is kept, the SFT start included.
 
     chain-spec-train-aarl --data DATA --target models/target --draft models/draft --out models/draft_aarl
@@ -67,7 +70,7 @@ def sample_chains(draft: EagleDraft, prompt, hidden0: torch.Tensor, keys, base: 
     hidden = hidden0[:, base : base + 1].expand(num, -1, -1)
     tokens, log_prob = [], 0.0
     for t in range(length):
-        log_probs = F.log_softmax(draft.logits(hidden)[:, -1].float(), dim=-1)
+        log_probs = F.log_softmax(draft.proposal_logits(hidden)[:, -1].float(), dim=-1)
         token = torch.multinomial(log_probs.exp().detach(), 1, generator=generator)
         tokens.append(token)
         log_prob = log_prob + log_probs.gather(1, token).squeeze(1)
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         # Index i predicts token i+2; the CoC's drafted tokens are P+1 .. T-1 (bases P-1 .. T-3).
         bases = torch.arange(P - 1, T - 2)
         truth = ids[0, bases + 2]
-        disagree = bases[(logits[0, bases].argmax(-1) != truth)]
+        disagree = bases[(draft.proposal_logits(hidden0[:, bases])[0].argmax(-1) != truth)]
         if len(disagree) == 0:
             continue
         base = int(disagree[rng.integers(len(disagree))])

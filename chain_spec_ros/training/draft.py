@@ -78,7 +78,10 @@ def greedy_splits(runtime: Runtime, data: str, train_scenes: int, val_scenes: in
 
 def draft_vocabulary(answers: list[list[int]]) -> list[int]:
     """The draft vocabulary: every token of the training answers (greedy CoCs + `<|cot_end|>`)."""
-    return sorted({token for answer in answers for token in answer})
+    vocab = sorted({token for answer in answers for token in answer})
+    if not vocab:
+        raise ValueError("no training answers: the draft vocabulary would be empty")
+    return vocab
 
 
 @torch.no_grad()
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", help="where greedy target outputs are cached (default: OUT/../greedy_cache)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-only", action="store_true",
-                        help="only write the draft vocabulary of the training scenes into the config of the draft in OUT")
+                        help="only write the draft vocabulary of the training scenes (as many as SFT used) into the "
+                             "config of the draft in OUT; re-export its ONNX graphs afterwards")
     args = parser.parse_args(argv)
 
     runtime = setup_runtime(args.seed)
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         config.vocab = vocab
         if runtime.is_main:
             config.save(Path(args.out) / "config.json")
-            print(f"draft vocabulary: {len(vocab)} of {target.cfg.decoder.vocab_size} tokens -> {args.out}/config.json")
+            print(f"draft vocabulary: {len(vocab)} of {target.cfg.decoder.vocab_size} tokens -> {args.out}/config.json; "
+                  f"re-export: chain-spec-export --models MODELS --draft {args.out}")
         shutdown_runtime(runtime)
         return 0
 
