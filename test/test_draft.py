@@ -1,5 +1,6 @@
 """The draft's training-time-test rollout computes exactly what chained drafting computes."""
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -111,6 +112,9 @@ def test_proposals_come_from_the_draft_vocabulary(pair, tmp_path):
     torch.testing.assert_close(proposal[..., inside], full[..., inside])
     assert torch.all(proposal[..., ~inside] == float("-inf"))
     assert set(proposal.argmax(-1).flatten().tolist()) <= set(config.vocab)
+    for wrong in ([], [3, target.cfg.decoder.vocab_size]):  # a draft made for another target
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            EagleDraft(dataclasses.replace(config, vocab=wrong), target.decoder.embed_tokens, target.decoder.lm_head)
     engine = TorchDraftEngine(draft, "cpu")
     engine.start(16)
     _, logits = engine.step([5, 7], torch.randn(1, 2, config.hidden_size), torch.arange(2).expand(3, 2))

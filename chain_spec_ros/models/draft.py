@@ -85,7 +85,10 @@ class EagleDraft(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
         # The target's embedding and LM head: used, never trained, never saved with the draft.
         self._shared = (embed_tokens, lm_head)
-        vocab = None if cfg.vocab is None else torch.tensor(sorted(cfg.vocab), dtype=torch.long)
+        vocab = None if cfg.vocab is None else torch.tensor(sorted(set(cfg.vocab)), dtype=torch.long)
+        if vocab is not None and (len(vocab) == 0 or vocab[0] < 0 or vocab[-1] >= lm_head.weight.shape[0]):
+            raise ValueError(f"the draft vocabulary must be a non-empty set of token ids below the target's "
+                             f"{lm_head.weight.shape[0]}; this draft does not belong to this target")
         self.register_buffer("vocab", vocab, persistent=False)
 
     def fuse_features(self, target_hidden: list[Tensor]) -> Tensor:
