@@ -1,9 +1,32 @@
-"""ament_python package: `colcon build` on a ROS 2 install, or `pip install -e .` in a venv."""
+"""ament_python package: `colcon build` on a ROS 2 install, or `pip install .` in a venv.
+
+The data folders are installed under share/chain_spec_ros/ with their folder structure intact
+(models/target/config.json and models/draft/config.json must not land on one path). The list is
+generated from the tree, so a new file under models/, config/ or launch/ is installed without
+editing this file. Exported ONNX graphs (models/onnx/) travel with the install when they exist at
+build time; TensorRT engines (models/trt/, models/onnx/trt/) are built for one GPU and never do.
+"""
+import os
 from glob import glob
 
 from setuptools import find_packages, setup
 
 PACKAGE = "chain_spec_ros"
+DATA_FOLDERS = ("models", "config", "launch")
+MACHINE_SPECIFIC = ("models/trt", "models/onnx/trt")  # TensorRT engines: rebuilt on each machine
+
+
+def tree_data_files(folder: str) -> list[tuple[str, list[str]]]:
+    """(share/<package>/<sub-folder>, [its files]) for every folder under `folder`."""
+    entries = []
+    for directory, subfolders, files in os.walk(folder):
+        subfolders[:] = sorted(d for d in subfolders if d != "__pycache__"
+                               and os.path.join(directory, d) not in MACHINE_SPECIFIC)
+        if files:
+            entries.append((os.path.join("share", PACKAGE, directory),
+                            sorted(os.path.join(directory, name) for name in files)))
+    return entries
+
 
 setup(
     name=PACKAGE,
@@ -12,12 +35,10 @@ setup(
     data_files=[
         ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
         (f"share/{PACKAGE}", ["package.xml"]),
-        (f"share/{PACKAGE}/launch", glob("launch/*.py")),
-        (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
-        (f"share/{PACKAGE}/models", [p for p in glob("models/**/*", recursive=True) if "." in p.rsplit("/", 1)[-1]]),
+        *[entry for folder in DATA_FOLDERS for entry in tree_data_files(folder)],
     ],
     install_requires=["setuptools"],
-    zip_safe=True,
+    zip_safe=False,
     maintainer="chain_spec_ros developers",
     maintainer_email="team@chain-spec-ros.dev",
     description="Speculative decoding of a VLA driving planner's chain-of-causation, as a ROS 2 node.",

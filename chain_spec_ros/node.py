@@ -47,7 +47,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .node_config import (FIELDS, NODE_NAME, ConfigError, NodeConfig, default_config_path, read_parameter_file,
+from .paths import default_config_path
+from .node_config import (FIELDS, NODE_NAME, ConfigError, NodeConfig, read_parameter_file,
                           validate)
 from .planner import PlanResult
 from .sensing import (NS, REJECTION_COUNTERS, RESIZED, InputError, SensingConfig, SensorBuffers, SensorFrame,

@@ -21,10 +21,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .speculative import DEFAULT_K
+from .constants import BACKENDS, DEFAULT_K
 
 NODE_NAME = "chain_spec_node"
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
 DRAFTERS = ("auto", "none", "eagle")
 IMAGE_TRANSPORTS = ("compressed", "raw")
 # Parameters rclpy declares on every node by itself; accepted but not ours.
@@ -240,21 +239,6 @@ def load_config(path: str | Path, node_name: str = NODE_NAME, overrides: Mapping
     params = read_parameter_file(path, node_name)
     params.update(overrides or {})
     return validate(params, source=str(path))
-
-
-def default_config_path() -> Path:
-    """config/chain_spec.yaml of a source checkout, or share/chain_spec_ros/config of an install."""
-    import sys
-
-    source = Path(__file__).resolve().parent.parent / "config" / "chain_spec.yaml"
-    if source.is_file():
-        return source
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        return Path(get_package_share_directory("chain_spec_ros")) / "config" / "chain_spec.yaml"
-    except Exception:  # noqa: BLE001 - no ament index: fall back to the prefix layout
-        return Path(sys.prefix) / "share" / "chain_spec_ros" / "config" / "chain_spec.yaml"
 
 
 def render_yaml(config: NodeConfig | None = None, node_name: str = NODE_NAME) -> str:

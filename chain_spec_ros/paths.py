@@ -1,20 +1,68 @@
-"""Where the bundled models live: the repository's `models/` in a source or editable
-install, `share/chain_spec_ros/models` in a colcon/ament install, or $CHAIN_SPEC_MODELS."""
+"""Where the package's data folders (models/, config/, launch/) live.
+
+One answer for every kind of install, in this order:
+- $CHAIN_SPEC_MODELS, for the models folder only;
+- a source checkout or an editable install: the repository itself (it holds package.xml);
+- an installed package (colcon/ament, `pip install`, a wheel, `--prefix`): its share folder,
+  `<prefix>/share/chain_spec_ros`, found through the ament index when AMENT_PREFIX_PATH names the
+  prefix, else beside the installed Python package (`<prefix>/lib/pythonX.Y/site-packages`),
+  else under the running interpreter's prefix.
+"""
 from __future__ import annotations
 
 import os
 import sys
 from pathlib import Path
 
+PACKAGE = "chain_spec_ros"
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def source_root() -> Path | None:
+    """The repository root when running from a source checkout (or an editable install)."""
+    root = PACKAGE_DIR.parent
+    return root if (root / "package.xml").is_file() and (root / "setup.py").is_file() else None
+
+
+def _share_candidates() -> list[Path]:
+    candidates = []
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+
+        try:
+            candidates.append(Path(get_package_share_directory(PACKAGE)))
+        except (PackageNotFoundError, OSError):  # not indexed, or AMENT_PREFIX_PATH unset
+            pass
+    except ImportError:  # no ament index: only the prefix layouts below
+        pass
+    # <prefix>/lib/pythonX.Y/site-packages/chain_spec_ros -> <prefix>/share/chain_spec_ros
+    if PACKAGE_DIR.parent.name in ("site-packages", "dist-packages"):
+        candidates.append(PACKAGE_DIR.parents[3] / "share" / PACKAGE)
+    candidates.append(Path(sys.prefix) / "share" / PACKAGE)
+    return candidates
+
+
+def package_share_dir() -> Path:
+    """The folder holding models/, config/ and launch/ (see the module docstring)."""
+    root = source_root()
+    if root is not None:
+        return root
+    candidates = _share_candidates()
+    for candidate in candidates:
+        if (candidate / "package.xml").is_file():
+            return candidate
+    return candidates[0]
+
 
 def default_models_dir() -> Path:
     if os.environ.get("CHAIN_SPEC_MODELS"):
         return Path(os.environ["CHAIN_SPEC_MODELS"])
-    source = Path(__file__).resolve().parent.parent / "models"
-    if source.is_dir():
-        return source
-    return Path(sys.prefix) / "share" / "chain_spec_ros" / "models"
+    return package_share_dir() / "models"
 
 
 def default_tokenizer_path() -> Path:
     return default_models_dir() / "tokenizer.json"
+
+
+def default_config_path() -> Path:
+    return package_share_dir() / "config" / "chain_spec.yaml"

@@ -22,18 +22,10 @@ OVERRIDES = {
 
 
 def _package_file(folder: str, name: str) -> str:
-    """share/chain_spec_ros/<folder>/<name> when installed, else the source tree's copy."""
-    import os
+    """share/chain_spec_ros/<folder>/<name> of the running install (or of the source checkout)."""
+    from chain_spec_ros.paths import package_share_dir
 
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        path = os.path.join(get_package_share_directory("chain_spec_ros"), folder, name)
-        if os.path.isfile(path):
-            return path
-    except Exception:  # noqa: BLE001 - not installed through ament
-        pass
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), folder, name)
+    return str(package_share_dir() / folder / name)
 
 
 def _convert(text: str, kind):

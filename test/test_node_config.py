@@ -5,8 +5,9 @@ import pytest
 import yaml
 
 from chain_spec_ros import node_config
-from chain_spec_ros.node_config import (FIELDS, ConfigError, NodeConfig, default_config_path, load_config,
-                                        read_parameter_file, render_yaml, validate)
+from chain_spec_ros.node_config import (FIELDS, ConfigError, NodeConfig, load_config, read_parameter_file,
+                                        render_yaml, validate)
+from chain_spec_ros.paths import default_config_path
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "config" / "chain_spec.yaml"
@@ -53,7 +54,7 @@ def test_overrides_win(tmp_path):
     ({"torch_threads": True}, "torch_threads: expected an integer"),
     ({"use_sim_time": "yes"}, "use_sim_time: expected true or false"),
     ({"use_sim_time": 1}, "use_sim_time: expected true or false"),
-    ({"backend": "tpu"}, "backend: 'tpu' is not one of torch, onnxruntime, tensorrt"),
+    ({"backend": "tpu"}, "backend: 'tpu' is not one of tensorrt, onnxruntime, torch"),
     ({"image_transport": "theora"}, "image_transport: 'theora' is not one of compressed, raw"),
     ({"cameras": []}, "cameras: expected a non-empty list"),
     ({"cameras": "front_wide"}, "cameras: expected a non-empty list"),

@@ -1,0 +1,19 @@
+"""Constants shared across the package, defined once.
+
+Anything that two rooms of the house must agree on lives here: the inference backends a
+user can choose, the default draft length, nanoseconds per second of ROS stamps, the
+evaluation horizons and the latency percentiles that every report prints.
+"""
+from __future__ import annotations
+
+NS = 1_000_000_000  # nanoseconds per second (ROS stamps)
+
+# Inference backends, fastest first: `auto` picks the first one that is available.
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+# Tokens the draft proposes per target pass (chain drafting).
+DEFAULT_K = 16
+
+# Horizons (s) of the ADE/FDE trajectory metrics.
+HORIZONS_S = (1.0, 2.0, 3.0, 6.4)
+# Latency percentiles reported on /diagnostics, in the replay report and by benchmarks.
+PERCENTILES = (50, 95, 99)
