@@ -19,11 +19,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.speculative import run  # noqa: E402
+from chain_spec_ros.constants import DEFAULT_K  # noqa: E402
 from chain_spec_ros.data.dataset import load_split  # noqa: E402
 from chain_spec_ros.evaluate import load_planner  # noqa: E402
 from chain_spec_ros.paths import default_models_dir  # noqa: E402
 from chain_spec_ros.planner import Planner  # noqa: E402
-from chain_spec_ros.speculative import DEFAULT_K  # noqa: E402
 
 COLUMNS = ("tau", "drafted_share", "speedup", "cost_ratio", "identical", "total")
 

@@ -5,8 +5,9 @@
 For each test scene the target's greedy CoC is teacher-forced through the target; the draft's
 attention probabilities (its one layer, averaged over heads) from every CoC query are summed
 per key group. Draft index i holds (token i+1, target features of index i) and is grouped by i.
-The paper's claim (DESIGN.md s.1): FlatRoPE moves the draft's attention off the images and onto
-the trajectory history.
+The hypothesis under test: with FlatRoPE the hundreds of image tokens sit far (in 1-D position)
+from the CoC, so rotary long-range decay should move the draft's attention off the images and onto
+the trajectory history (docs/ARCHITECTURE.md, 'Positions').
 """
 from __future__ import annotations
 

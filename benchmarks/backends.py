@@ -33,9 +33,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chain_spec_ros.constants import DEFAULT_K  # noqa: E402
 from chain_spec_ros.drafters import EagleDrafter  # noqa: E402
-from chain_spec_ros.engines.export import ExportError, export_models  # noqa: E402
+from chain_spec_ros.engines.export import export_models  # noqa: E402
 from chain_spec_ros.engines.factory import build_engines  # noqa: E402
+from chain_spec_ros.engines.manifest import ExportError  # noqa: E402
 from chain_spec_ros.models.config import DecoderConfig, TargetConfig, VisionConfig  # noqa: E402
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft  # noqa: E402
 from chain_spec_ros.models.target import TargetVLA  # noqa: E402
@@ -43,7 +45,6 @@ from chain_spec_ros.models.tokenizer import ChainTokenizer  # noqa: E402
 from chain_spec_ros.paths import default_models_dir, default_tokenizer_path  # noqa: E402
 from chain_spec_ros.planner import MAX_COC_TOKENS, Planner  # noqa: E402
 from chain_spec_ros.prompt import PromptBuilder  # noqa: E402
-from chain_spec_ros.speculative import DEFAULT_K  # noqa: E402
 
 STAGES = ("vision", "prefill", "decode", "verify", "draft_step", "expert")
 

@@ -22,11 +22,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from chain_spec_ros.constants import DEFAULT_K  # noqa: E402
 from chain_spec_ros.data.dataset import load_split  # noqa: E402
 from chain_spec_ros.evaluate import load_planner  # noqa: E402
 from chain_spec_ros.paths import default_models_dir  # noqa: E402
 from chain_spec_ros.planner import Planner  # noqa: E402
-from chain_spec_ros.speculative import DEFAULT_K  # noqa: E402
 
 NEAR_TIE = 1e-4
 

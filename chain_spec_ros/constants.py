@@ -10,7 +10,10 @@ NS = 1_000_000_000  # nanoseconds per second (ROS stamps)
 
 # Inference backends, fastest first: `auto` picks the first one that is available.
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-# Tokens the draft proposes per target pass (chain drafting).
+# Tokens the draft proposes per target pass (chain drafting). The bundled draft keeps ~44% of
+# its 16th proposals, so long blocks pay: on 30 test scenes, PyTorch CPU, the speedup went 2.65x
+# (k=7), 3.29x (12), 3.73x (16), 3.81x (20), the verify pass growing slower than the tokens it
+# decides. 16 keeps the verify width (and TensorRT's verify profile) moderate.
 DEFAULT_K = 16
 
 # Horizons (s) of the ADE/FDE trajectory metrics.

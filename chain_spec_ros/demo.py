@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import displacement_errors, load_planner
+from .constants import BACKENDS
+from .metrics import displacement_errors
 from .paths import default_models_dir
-from .planner import Planner
+from .planner import ModelLoadError, Planner, load_planner
 from .scenarios.coc import decision_from_coc
 from .scenarios.events import BUILDERS
 from .scenarios.scene import make_scene
@@ -50,13 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=str(default_models_dir()))
     parser.add_argument("--scenes", type=int, default=len(BUILDERS))
     parser.add_argument("--out", default="runs/demo")
+    parser.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                        help="inference backend (auto: the fastest available; see engines/factory.py)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     models = Path(args.models)
     try:
-        speculative = load_planner(models, drafter="eagle") if (models / "draft").is_dir() else None
-        target_only = Planner(speculative.target, speculative.builder) if speculative else load_planner(models)
-    except (FileNotFoundError, ValueError) as error:
+        speculative = load_planner(models, args.backend, drafter="eagle") if (models / "draft").is_dir() else None
+        target_only = (Planner(speculative.target, speculative.builder) if speculative
+                       else load_planner(models, args.backend, drafter="none"))
+    except ModelLoadError as error:
         print(f"chain-spec-demo: error: {error}", file=sys.stderr)
         return 2
     planner = speculative or target_only

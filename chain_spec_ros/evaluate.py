@@ -13,63 +13,32 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import planner as planner_module
+from .constants import DEFAULT_K
 from .data.dataset import load_split
-from .drafters import EagleDrafter, NgramDrafter
-from .engines.factory import build_engines, load_target_model
-from .models.tokenizer import ChainTokenizer
+from .drafters import NgramDrafter
+from .engines.factory import load_target_model
+from .metrics import constant_velocity, displacement_errors
 from .paths import default_models_dir
 from .planner import Planner
-from .prompt import PromptBuilder
 from .scenarios.coc import decision_from_coc
-from .speculative import DEFAULT_K
-from .trajectory import STEP_SECONDS
 from .training.greedy import cached_greedy_cocs
-
-HORIZONS_S = (1.0, 2.0, 3.0, 6.4)
-
-
-def displacement_errors(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """ADE and FDE at each horizon for one trajectory pair [64, 2]."""
-    errors = np.linalg.norm(predicted - truth, axis=-1)
-    out = {}
-    for horizon in HORIZONS_S:
-        n = int(round(horizon / STEP_SECONDS))
-        out[f"ade_{horizon:g}s"] = float(errors[:n].mean())
-        out[f"fde_{horizon:g}s"] = float(errors[n - 1])
-    return out
-
-
-def constant_velocity(speed: float, steps: int = 64) -> np.ndarray:
-    """The baseline: keep the current speed and heading."""
-    x = speed * STEP_SECONDS * np.arange(1, steps + 1)
-    return np.stack([x, np.zeros_like(x)], axis=1)
 
 
 def load_planner(models: Path, backend: str = "torch", drafter: str = "none", draft_dir: str | None = None,
                  data: str | None = None, k: int = DEFAULT_K, expert_steps: int | None = None) -> Planner:
-    """A planner on the models directory: target-only (`drafter="none"`), or speculative with the
-    EAGLE draft (`eagle`, from draft_dir or MODELS/draft) or the n-gram baseline (`ngram`)."""
-    models = Path(models)
-    tokenizer = ChainTokenizer.load(models / "tokenizer.json")
-    eagle_dir = (Path(draft_dir) if draft_dir else models / "draft") if drafter == "eagle" else None
-    target, draft_engine = build_engines(models, backend, eagle_dir)
-    if tokenizer.vocab_size != target.config.decoder.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the target expects "
-                         f"{target.config.decoder.vocab_size}: model and tokenizer do not belong together")
-    builder = PromptBuilder(tokenizer, *target.config.vision.grid)
-    if drafter == "none":
-        chosen = None
-    elif drafter == "eagle":
-        chosen = EagleDrafter(draft_engine, stop_id=builder.cot_end_id)
-    elif drafter == "ngram":
-        if data is None:
-            raise ValueError("the n-gram drafter needs a dataset to count the target's CoCs on")
-        table = load_split(data, "train", limit=2000)
-        corpus = cached_greedy_cocs(Path("runs/greedy_cache"), "train", load_target_model(models), builder, table)
-        chosen = NgramDrafter([c + [builder.cot_end_id] for c in corpus], tokenizer.vocab_size)
-    else:
-        raise ValueError(f"unknown drafter {drafter!r}")
-    return Planner(target, builder, drafter=chosen, k=k, expert_steps=expert_steps)
+    """`planner.load_planner`, plus the n-gram baseline drafter (`drafter="ngram"`), which counts
+    the target's greedy CoCs on the training split of `data`."""
+    if drafter != "ngram":
+        return planner_module.load_planner(models, backend, drafter, draft_dir, k, expert_steps)
+    if data is None:
+        raise ValueError("the n-gram drafter needs a dataset to count the target's CoCs on")
+    planner = planner_module.load_planner(models, backend, "none", k=k, expert_steps=expert_steps)
+    builder = planner.builder
+    table = load_split(data, "train", limit=2000)
+    corpus = cached_greedy_cocs(Path("runs/greedy_cache"), "train", load_target_model(Path(models)), builder, table)
+    planner.drafter = NgramDrafter([c + [builder.cot_end_id] for c in corpus], builder.tokenizer.vocab_size)
+    return planner
 
 
 def evaluate_target(planner: Planner, table, limit: int | None = None) -> dict:

@@ -1,7 +1,8 @@
 """Every parameter of `chain_spec_node`, its default, type and range, and their validation.
 
 Plain Python (no ROS imports), so the same checks run in tests, in the launch file and in the
-node. The on-disk format is the ROS 2 parameter file:
+node. The on-disk format is the ROS 2 parameter file, passed the ROS way
+(`chain_spec_node --ros-args --params-file config/chain_spec.yaml`):
 
     chain_spec_node:          # or /** for any node
       ros__parameters:
@@ -9,8 +10,12 @@ node. The on-disk format is the ROS 2 parameter file:
         ...
 
 `config/chain_spec.yaml` lists every parameter; `load_config` reads and validates such a
-file, `validate` checks a flat mapping (the node's declared parameters after ROS command-line
-overrides). Errors are collected and reported together, one line per problem.
+file, `validate` checks a flat mapping (the node's parameters after ROS overrides). Errors are
+collected and reported together, one line per problem.
+
+Each parameter is either `runtime` (a `ros2 param set` on the running node takes effect at once,
+after `validate_update` accepted it) or read-only (the node declares it so, and ROS refuses a
+change with a reason: it needs a restart).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any, Mapping
 import yaml
 
 from .constants import BACKENDS, DEFAULT_K
+from .sensing import SensingConfig
 
 NODE_NAME = "chain_spec_node"
 DRAFTERS = ("auto", "none", "eagle")
@@ -35,8 +41,9 @@ class ConfigError(ValueError):
 
 
 def _param(default, help: str, low: float | None = None, high: float | None = None, choices=None,
-           low_open: bool = False):
-    metadata = {"help": help, "low": low, "high": high, "choices": choices, "low_open": low_open}
+           low_open: bool = False, runtime: bool = False):
+    metadata = {"help": help, "low": low, "high": high, "choices": choices, "low_open": low_open,
+                "runtime": runtime}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -46,18 +53,20 @@ def _param(default, help: str, low: float | None = None, high: float | None = No
 class NodeConfig:
     # Models and planning.
     models_dir: str = _param("", "directory with tokenizer.json and target/ ('' = the bundled models)")
-    backend: str = _param("torch", "inference backend", choices=BACKENDS)
+    backend: str = _param("auto", "inference backend; auto = the fastest available (tensorrt, then onnxruntime, "
+                          "exporting its graphs on first use, then torch)", choices=("auto", *BACKENDS))
     drafter: str = _param("auto", "CoC decoding: eagle (speculative, with the draft), none (target only), "
-                          "auto (eagle when the models directory has a draft/)", choices=DRAFTERS)
+                          "auto (eagle when the models directory has a draft/)", choices=DRAFTERS, runtime=True)
     draft_dir: str = _param("", "directory of the draft model ('' = <models_dir>/draft)")
-    draft_k: int = _param(DEFAULT_K, "tokens drafted per target pass", low=1, high=32)
-    use_sim_time: bool = _param(False, "follow /clock (bag replay) instead of the system clock")
+    draft_k: int = _param(DEFAULT_K, "tokens drafted per target pass", low=1, high=32, runtime=True)
+    use_sim_time: bool = _param(False, "follow /clock (bag replay) instead of the system clock", runtime=True)
     plan_rate_hz: float = _param(2.0, "planning timer rate; ticks arriving while a plan runs are dropped",
-                                 low=0.0, high=100.0, low_open=True)
+                                 low=0.0, high=100.0, low_open=True, runtime=True)
     torch_threads: int = _param(2, "CPU threads of the engines: PyTorch's, or the size of ONNX Runtime's one thread pool "
                                  "(torch then glues on one thread)", low=1, high=256)
-    expert_steps: int = _param(0, "Euler steps of the trajectory expert (0 = the model's own)", low=0, high=100)
-    seed: int = _param(0, "seed of the trajectory expert's noise", low=0)
+    expert_steps: int = _param(0, "Euler steps of the trajectory expert (0 = the model's own)", low=0, high=100,
+                               runtime=True)
+    seed: int = _param(0, "seed of the trajectory expert's noise", low=0, high=2**31 - 1, runtime=True)
     # Inputs.
     cameras: list = _param(["front_wide", "front_tele"], "camera names, in the model's prompt order")
     camera_topics: list = _param(["/cameras/front_wide/image/compressed", "/cameras/front_tele/image/compressed"],
@@ -66,36 +75,57 @@ class NodeConfig:
                                   choices=IMAGE_TRANSPORTS)
     odom_topic: str = _param("/odom", "nav_msgs/Odometry topic")
     qos_depth: int = _param(10, "queue depth of the sensor-data subscriptions", low=1, high=1000)
-    resize_images: bool = _param(True, "resize images of another size to the model's (false: reject them)")
+    resize_images: bool = _param(True, "resize images of another size to the model's (false: reject them)",
+                                 runtime=True)
+    camera_max_rate_hz: float = _param(20.0, "camera frames above this rate are dropped before decoding (0 = keep all)",
+                                       low=0.0, high=10000.0, runtime=True)
+    odom_max_rate_hz: float = _param(50.0, "odometry above this rate is dropped before deserialisation (0 = keep all)",
+                                     low=0.0, high=100000.0, runtime=True)
+    max_image_bytes: int = _param(16 * 1024 * 1024, "largest accepted image message payload (bytes)",
+                                  low=1024, high=2**31 - 1, runtime=True)
+    max_image_pixels: int = _param(4096 * 4096, "largest accepted image (width x height, read from the header "
+                                   "before decoding)", low=1, high=2**31 - 1, runtime=True)
+    min_image_scale: float = _param(0.25, "reject frames narrower or lower than this share of the model's input",
+                                    low=0.0, high=1.0, runtime=True)
     # Time alignment and input checks (seconds).
     frame_tolerance_s: float = _param(0.04, "a camera frame may be this far from its 10 Hz instant",
-                                      low=0.0, high=0.1, low_open=True)
+                                      low=0.0, high=0.1, low_open=True, runtime=True)
     max_camera_skew_s: float = _param(0.15, "skip a tick when the cameras' newest stamps spread more",
-                                      low=0.0, high=10.0)
+                                      low=0.0, high=10.0, runtime=True)
     max_odom_staleness_s: float = _param(0.2, "skip when the newest odometry is older than t0 by more",
-                                         low=0.0, high=10.0)
+                                         low=0.0, high=10.0, runtime=True)
     max_odom_gap_s: float = _param(0.5, "skip when odometry has a longer gap inside the history",
-                                   low=0.0, high=10.0, low_open=True)
+                                   low=0.0, high=10.0, low_open=True, runtime=True)
     max_input_age_s: float = _param(1.0, "skip when t0 is older than this at the tick", low=0.0, high=3600.0,
-                                    low_open=True)
-    clock_jump_threshold_s: float = _param(1.0, "a backward time jump above this resets all buffers",
-                                           low=0.0, high=3600.0, low_open=True)
+                                    low_open=True, runtime=True)
+    clock_jump_threshold_s: float = _param(1.0, "a stamp further than this from its topic's timeline is an outlier; "
+                                           "a confirmed backward jump (or of the clock) resets all buffers",
+                                           low=0.0, high=3600.0, low_open=True, runtime=True)
     buffer_seconds: float = _param(3.0, "history kept per topic (>= 1.6 s of ego history + margin)",
                                    low=1.7, high=60.0)
+    max_speed_mps: float = _param(90.0, "odometry faster than this, or a planned step covering more, is implausible",
+                                  low=0.0, high=1000.0, low_open=True, runtime=True)
+    max_reverse_speed_mps: float = _param(15.0, "odometry reversing faster than this is implausible",
+                                          low=0.0, high=1000.0, runtime=True)
+    max_abs_position_m: float = _param(1e8, "odometry positions beyond this (any axis) are implausible",
+                                       low=0.0, high=1e12, low_open=True, runtime=True)
     # Outputs.
-    frame_id: str = _param("base_link", "frame of the published trajectory and markers")
-    diagnostics_rate_hz: float = _param(1.0, "/diagnostics publishing rate", low=0.0, high=100.0, low_open=True)
-    diagnostics_window: int = _param(100, "plans in the latency percentile window", low=1, high=100000)
-    marker_lifetime_s: float = _param(0.0, "marker lifetime (0 = until replaced)", low=0.0, high=3600.0)
+    frame_id: str = _param("base_link", "frame of the published trajectory and markers", runtime=True)
+    diagnostics_rate_hz: float = _param(1.0, "/diagnostics publishing rate (steady clock)", low=0.0, high=100.0,
+                                        low_open=True, runtime=True)
+    diagnostics_window: int = _param(100, "plans in the latency percentile window", low=1, high=100000, runtime=True)
+    marker_lifetime_s: float = _param(0.0, "marker lifetime (0 = until replaced)", low=0.0, high=3600.0, runtime=True)
     marker_line_width: float = _param(0.3, "width of the trajectory line strip (m)", low=0.0, high=10.0,
-                                      low_open=True)
-    marker_text_size: float = _param(1.0, "height of the CoC text (m)", low=0.0, high=100.0, low_open=True)
+                                      low_open=True, runtime=True)
+    marker_text_size: float = _param(1.0, "height of the CoC text (m)", low=0.0, high=100.0, low_open=True,
+                                     runtime=True)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 FIELDS = {f.name: f for f in fields(NodeConfig)}
+RUNTIME_PARAMETERS = frozenset(name for name, f in FIELDS.items() if f.metadata["runtime"])
 
 
 def defaults() -> dict[str, Any]:
@@ -184,6 +214,30 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
         errors.append(f"buffer_seconds: {values['buffer_seconds']} s cannot hold 1.6 s of history plus "
                       f"max_odom_staleness_s ({values['max_odom_staleness_s']} s)")
     return errors
+
+
+def validate_update(current: NodeConfig, changes: Mapping[str, Any]) -> NodeConfig:
+    """The configuration after a runtime change, or ConfigError with the reason: a read-only
+    parameter, a wrong type or range, or a combination that does not hold."""
+    errors = [f"{name}: read-only, it needs a restart of the node" for name in sorted(changes)
+              if name in FIELDS and name not in RUNTIME_PARAMETERS]
+    if errors:
+        raise ConfigError("refused:\n  " + "\n  ".join(errors))
+    return validate({**current.to_dict(), **changes}, source="parameter change")
+
+
+def kind_of(name: str) -> str:
+    """The parameter's type: bool, int, float, str or list (of strings)."""
+    return FIELDS[name].type
+
+
+def sensing_config(cfg: NodeConfig, width: int, height: int) -> SensingConfig:
+    """The input buffers' settings for a node configuration and the model's image size."""
+    keys = ("frame_tolerance_s", "max_camera_skew_s", "max_odom_staleness_s", "max_odom_gap_s", "max_input_age_s",
+            "clock_jump_threshold_s", "buffer_seconds", "resize_images", "max_speed_mps", "max_reverse_speed_mps",
+            "max_abs_position_m")
+    return SensingConfig(cameras=tuple(cfg.cameras), image_width=width, image_height=height,
+                         **{key: getattr(cfg, key) for key in keys})
 
 
 def read_parameter_file(path: str | Path, node_name: str = NODE_NAME) -> dict[str, Any]:

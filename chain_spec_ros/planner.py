@@ -3,17 +3,25 @@
 One call plans one scene and reports how long each stage took. The CoC decoder is
 pluggable: target-only greedy decoding, or speculative decoding with a drafter. The models
 run behind the engine interface, so the same pipeline serves every backend.
+
+`load_planner` opens a models directory on a backend; `self_test` plans one synthetic scene
+and refuses a model whose outputs are not finite; `plan_problem` is the plausibility check
+every published plan passes.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from .constants import DEFAULT_K
 from .engines.base import TargetEngine
 from .prompt import PromptBuilder
-from .speculative import DEFAULT_K, Drafter, speculative_decode
+from .speculative import Drafter, speculative_decode
+from .trajectory import HISTORY_STEPS, STEP_SECONDS, history_bins
 
 MAX_COC_TOKENS = 64
 
@@ -106,3 +114,109 @@ def greedy_decode(target: TargetEngine, first_logits, rope_delta: int, max_new: 
         logits, _ = target.decode([token], rope_delta)
         token = int(logits[-1].argmax())
     return tokens
+
+
+class ModelLoadError(RuntimeError):
+    """The models directory cannot be planned with; the message says why."""
+
+
+def load_planner(models: Path, backend: str = "auto", drafter: str = "auto", draft_dir: str | Path | None = None,
+                 k: int = DEFAULT_K, expert_steps: int | None = None, threads: int = 0) -> Planner:
+    """A planner on the models directory (tokenizer.json, target/, optionally draft/).
+
+    drafter: "eagle" (speculative, with the EAGLE draft from draft_dir or MODELS/draft), "none"
+    (target only) or "auto" (eagle when the draft directory exists). backend: see
+    `engines.factory.build_engines`. Any problem is one ModelLoadError naming the file.
+    """
+    from .drafters import EagleDrafter
+    from .engines.factory import build_engines
+    from .models.tokenizer import ChainTokenizer
+
+    models = Path(models).expanduser()
+    if not models.is_dir():
+        raise ModelLoadError(f"models directory not found: {models} (set the models_dir parameter)")
+    draft = Path(draft_dir).expanduser() if draft_dir else models / "draft"
+    if drafter == "auto":
+        drafter = "eagle" if draft.is_dir() and any(draft.iterdir()) else "none"
+    if drafter not in ("eagle", "none"):
+        raise ModelLoadError(f"unknown drafter {drafter!r} (eagle, none or auto)")
+    try:
+        tokenizer = ChainTokenizer.load(models / "tokenizer.json")
+        target, draft_engine = build_engines(models, backend, draft if drafter == "eagle" else None, threads=threads)
+        if tokenizer.vocab_size != target.config.decoder.vocab_size:
+            raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the target expects "
+                             f"{target.config.decoder.vocab_size}: model and tokenizer do not belong together")
+        builder = PromptBuilder(tokenizer, *target.config.vision.grid)
+        chosen = EagleDrafter(draft_engine, stop_id=builder.cot_end_id) if drafter == "eagle" else None
+        return Planner(target, builder, drafter=chosen, k=k, expert_steps=expert_steps)
+    except ModelLoadError:
+        raise
+    except (FileNotFoundError, ValueError, KeyError, OSError) as error:
+        raise ModelLoadError(f"cannot load the models from {models}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - e.g. a corrupt safetensors file
+        raise ModelLoadError(f"cannot load the models from {models}: {type(error).__name__}: {error}") from None
+
+
+def load_configured_planner(config) -> tuple[Planner, Path]:
+    """The planner a node configuration (`node_config.NodeConfig`) asks for, and its models
+    directory ('' = the bundled models)."""
+    from .paths import default_models_dir
+
+    models = Path(config.models_dir).expanduser() if config.models_dir else default_models_dir()
+    planner = load_planner(models, config.backend, config.drafter, config.draft_dir or None, config.draft_k,
+                           config.expert_steps or None)
+    planner.seed = config.seed
+    return planner, models
+
+
+class ImplausiblePlan(RuntimeError):
+    """A plan whose trajectory is not finite or not physically possible: never published."""
+
+
+def check_plan(result: PlanResult, max_speed_mps: float) -> PlanResult:
+    """The plan, or ImplausiblePlan with the reason (see `plan_problem`)."""
+    problem = plan_problem(result, max_speed_mps)
+    if problem:
+        raise ImplausiblePlan(problem)
+    return result
+
+
+def plan_problem(result: PlanResult, max_speed_mps: float) -> str | None:
+    """Why a plan must not be published (non-finite or physically implausible), or None.
+
+    The trajectory starts at the ego (the origin of the t0 frame); no step may cover more than
+    max_speed_mps allows in one waypoint interval.
+    """
+    xy = np.asarray(result.trajectory_xy, dtype=np.float64)
+    controls = np.asarray(result.controls, dtype=np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or len(xy) == 0:
+        return f"trajectory has shape {xy.shape}, expected [N, 2]"
+    if not np.isfinite(xy).all() or not np.isfinite(controls).all():
+        return "trajectory or controls not finite"
+    steps = np.hypot(*np.diff(np.vstack([[0.0, 0.0], xy]), axis=0).T)
+    limit = max_speed_mps * STEP_SECONDS * 1.01
+    if steps.max() > limit:
+        i = int(steps.argmax())
+        return (f"waypoint {i + 1} is {steps[i]:.3g} m from the previous one (> {limit:.3g} m at "
+                f"max_speed_mps {max_speed_mps:g})")
+    return None
+
+
+def self_test(planner: Planner, cameras: int, max_speed_mps: float) -> float:
+    """Plan one synthetic scene (grey frames from `cameras` cameras, a car at rest) and refuse a
+    model whose outputs are not finite or implausible (e.g. weights holding NaN). Returns the
+    plan's milliseconds; it also warms the engines up."""
+    from .scenarios.scene import NUM_FRAMES
+
+    vision = planner.target.config.vision
+    images = np.full((cameras, NUM_FRAMES, vision.image_height, vision.image_width, 3), 128, np.uint8)
+    history = history_bins(np.zeros((HISTORY_STEPS + 1, 3)))
+    start = time.perf_counter()
+    result = planner.plan(images, history, 0.0)
+    elapsed_ms = (time.perf_counter() - start) * 1e3
+    problem = plan_problem(result, max_speed_mps)
+    if problem is None and not all(math.isfinite(float(v)) for v in result.timings_ms.values()):
+        problem = "timings not finite"
+    if problem:
+        raise ModelLoadError(f"start-up self-test plan failed: {problem} (are the weights corrupt?)")
+    return elapsed_ms

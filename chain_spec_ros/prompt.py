@@ -1,6 +1,6 @@
 """Prompt assembly: Alpamayo's layout, token ids, and both position schemes.
 
-Order (DESIGN.md s.3): system text; per camera, its frames as image blocks
+Order (docs/ARCHITECTURE.md, 'Prompt'): system text; per camera, its frames as image blocks
 `<|vision_start|>` + pads + `<|vision_end|>`; `<|traj_history_start|>` + 48 history tokens +
 `<|traj_history_end|>`; the instruction; the assistant turn opening `<|cot_start|>`.
 The answer is the CoC, `<|cot_end|>`, `<|traj_future_start|>`, then (training only) the

@@ -14,6 +14,18 @@ it), so the node can report it on /diagnostics and carry on. Message conversion 
 message objects duck-typed (`format`/`data`, `encoding`/`height`/`width`/`step`/`data`), so it
 works on rclpy messages, rosbags messages and test doubles alike, and raises `InputError`
 (with the counter it belongs to) for the caller to record.
+
+Guards, so that no message can cost the node more than a bounded amount of time and memory or
+put something implausible into the planner:
+- a compressed image's size is read from its header before decoding (a 600-byte JPEG can claim
+  32768x32768 pixels); oversized payloads and frames are rejected and counted, and large JPEGs
+  are decoded at a reduced scale (libjpeg's DCT scaling) when that still covers the model size;
+- raw serialized messages are decimated by their header stamp before deserialisation
+  (`peek_header_stamp_ns`, `Decimator`), so a 1 kHz odometry stream costs little;
+- odometry must be finite and plausible (speed, position);
+- one stamp far from its topic's timeline (an outlier) is dropped and counted; only a clock
+  jump that the node's clock confirms, or several consecutive messages on the new timeline,
+  resets the buffers (a bag loop).
 """
 from __future__ import annotations
 
@@ -26,24 +38,41 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .constants import NS
 from .scenarios.scene import NUM_FRAMES
 from .trajectory import HISTORY_STEPS, STEP_SECONDS, history_bins, to_local_frame
-
-NS = 1_000_000_000
 
 # Counter names (also the keys the node publishes on /diagnostics).
 IMAGES, ODOMETRY = "images", "odometry"  # accepted messages
 NAN_ODOMETRY = "nan_odometry"
+IMPLAUSIBLE_ODOMETRY = "implausible_odometry"
 OUT_OF_ORDER = "out_of_order"
+OUTLIER_STAMPS = "outlier_stamps"
 CLOCK_JUMPS = "clock_jumps"
 DECODE_ERRORS = "decode_errors"
 WRONG_ENCODING = "wrong_encoding"
 WRONG_SIZE = "wrong_size"
+OVERSIZED = "oversized_images"
+FRAME_MISMATCH = "frame_id_mismatch"
 RESIZED = "resized"
-REJECTION_COUNTERS = (NAN_ODOMETRY, OUT_OF_ORDER, CLOCK_JUMPS, DECODE_ERRORS, WRONG_ENCODING, WRONG_SIZE)
+DECIMATED = "decimated"  # messages above the configured input rate, dropped before deserialisation
+REJECTION_COUNTERS = (NAN_ODOMETRY, IMPLAUSIBLE_ODOMETRY, OUT_OF_ORDER, OUTLIER_STAMPS, CLOCK_JUMPS, DECODE_ERRORS,
+                      WRONG_ENCODING, WRONG_SIZE, OVERSIZED, FRAME_MISMATCH)
+# Consecutive messages on a new timeline that confirm a jump of a topic's stamps (a bag loop).
+JUMP_CONFIRMATIONS = 3
 
 RAW_ENCODINGS = {"bgr8": 3, "rgb8": 3, "mono8": 1}
 COMPRESSED_FORMATS = ("jpeg", "jpg", "png")
+
+
+class SkipReason(str):
+    """Why a tick could not plan: the text, and a `kind` without numbers (for counting and
+    rate-limiting the log by kind)."""
+
+    def __new__(cls, kind: str, text: str):
+        reason = super().__new__(cls, text)
+        reason.kind = kind
+        return reason
 
 
 class InputError(ValueError):
@@ -63,11 +92,76 @@ def _bytes(data) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8).ravel()
 
 
-def decode_compressed(fmt: str, data) -> np.ndarray:
+@dataclass(frozen=True)
+class ImageLimits:
+    """What an incoming camera frame may cost before it is decoded, and how small it may be."""
+
+    max_bytes: int = 16 * 1024 * 1024  # payload of one message
+    max_pixels: int = 4096 * 4096  # width x height, read from the header before decoding
+    min_scale: float = 0.25  # a frame narrower or lower than this share of the model's input is rejected
+
+
+def _jpeg_size(buffer: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None if there is none."""
+    i = 2
+    while i + 9 <= len(buffer):
+        if buffer[i] != 0xFF:
+            return None
+        marker = buffer[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(buffer[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
+            height = int.from_bytes(buffer[i + 5:i + 7], "big")
+            width = int.from_bytes(buffer[i + 7:i + 9], "big")
+            return width, height
+        if marker == 0xDA or length < 2:  # start of scan before any frame header: malformed
+            return None
+        i += 2 + length
+    return None
+
+
+def compressed_image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) claimed by a JPEG or PNG header, without decoding; None if unknown."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[:2] == b"\xff\xd8":
+        return _jpeg_size(data)
+    return None
+
+
+def _check_dimensions(width: int, height: int, limits: ImageLimits, target: tuple[int, int] | None) -> None:
+    if width * height > limits.max_pixels:
+        raise InputError(OVERSIZED, f"image of {width}x{height} pixels exceeds max_image_pixels "
+                                    f"({limits.max_pixels}); not decoded")
+    if target is not None and (width < target[0] * limits.min_scale or height < target[1] * limits.min_scale):
+        raise InputError(WRONG_SIZE, f"image of {width}x{height} is too small for the model's {target[0]}x{target[1]} "
+                                     f"(less than {limits.min_scale:g} of it)")
+
+
+def _reduced_read_flag(size: tuple[int, int], target: tuple[int, int] | None) -> int:
+    """The largest JPEG DCT reduction (1/2, 1/4, 1/8) that still covers the model's input size."""
+    if target is None:
+        return cv2.IMREAD_COLOR
+    for factor, flag in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
+                         (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        if size[0] // factor >= target[0] and size[1] // factor >= target[1]:
+            return flag
+    return cv2.IMREAD_COLOR
+
+
+def decode_compressed(fmt: str, data, limits: ImageLimits = ImageLimits(),
+                      target: tuple[int, int] | None = None) -> np.ndarray:
     """A sensor_msgs/CompressedImage payload (JPEG or PNG) -> BGR uint8 [H, W, 3].
 
     `format` is free text in ROS ("jpeg", "png", "bgr8; jpeg compressed bgr8", ...); an empty
     format is accepted and sniffed by the decoder. Anything naming another codec is rejected.
+    The header's claimed size is checked against `limits` before any pixel is decoded; with a
+    `target` (width, height) a large JPEG is decoded at the coarsest DCT scale that covers it.
     """
     text = (fmt or "").lower()
     if text and not any(name in text for name in COMPRESSED_FORMATS):
@@ -75,13 +169,24 @@ def decode_compressed(fmt: str, data) -> np.ndarray:
     buffer = _bytes(data)
     if buffer.size == 0:
         raise InputError(DECODE_ERRORS, "empty CompressedImage")
-    image = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if buffer.size > limits.max_bytes:
+        raise InputError(OVERSIZED, f"CompressedImage of {buffer.size} bytes exceeds max_image_bytes "
+                                    f"({limits.max_bytes}); not decoded")
+    head = buffer[:65536].tobytes()
+    size = compressed_image_size(head)
+    if size is None:
+        raise InputError(DECODE_ERRORS, f"a {buffer.size}-byte {fmt or 'compressed'} payload has no JPEG or PNG "
+                                        f"header with the image size")
+    _check_dimensions(*size, limits, target)
+    flag = _reduced_read_flag(size, target) if head[:2] == b"\xff\xd8" else cv2.IMREAD_COLOR
+    image = cv2.imdecode(buffer, flag)
     if image is None:
         raise InputError(DECODE_ERRORS, f"could not decode a {len(buffer)}-byte {fmt or 'compressed'} image")
     return image
 
 
-def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigendian: int = 0) -> np.ndarray:
+def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigendian: int = 0,
+               limits: ImageLimits = ImageLimits(), target: tuple[int, int] | None = None) -> np.ndarray:
     """A sensor_msgs/Image (bgr8, rgb8 or mono8) -> BGR uint8 [H, W, 3]."""
     channels = RAW_ENCODINGS.get((encoding or "").lower())
     if channels is None:
@@ -90,6 +195,7 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
     height, width, step = int(height), int(width), int(step)
     if height <= 0 or width <= 0:
         raise InputError(DECODE_ERRORS, f"empty Image ({width}x{height})")
+    _check_dimensions(width, height, limits, target)
     row = width * channels
     step = step or row
     buffer = _bytes(data)
@@ -104,13 +210,14 @@ def decode_raw(encoding: str, height: int, width: int, step: int, data, is_bigen
     return pixels.copy()
 
 
-def image_from_compressed(message) -> np.ndarray:
-    return decode_compressed(message.format, message.data)
+def image_from_compressed(message, limits: ImageLimits = ImageLimits(),
+                          target: tuple[int, int] | None = None) -> np.ndarray:
+    return decode_compressed(message.format, message.data, limits, target)
 
 
-def image_from_raw(message) -> np.ndarray:
+def image_from_raw(message, limits: ImageLimits = ImageLimits(), target: tuple[int, int] | None = None) -> np.ndarray:
     return decode_raw(message.encoding, message.height, message.width, message.step, message.data,
-                      getattr(message, "is_bigendian", 0))
+                      getattr(message, "is_bigendian", 0), limits, target)
 
 
 def fit_size(image: np.ndarray, width: int, height: int, resize: bool) -> tuple[np.ndarray, bool]:
@@ -121,6 +228,34 @@ def fit_size(image: np.ndarray, width: int, height: int, resize: bool) -> tuple[
         raise InputError(WRONG_SIZE, f"image is {image.shape[1]}x{image.shape[0]}, the model expects "
                                      f"{width}x{height} (resize_images is off)")
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA), True
+
+
+def peek_header_stamp_ns(serialized: bytes) -> int | None:
+    """The header stamp of a serialized (CDR) message whose first field is a std_msgs/Header,
+    read without deserialising it; None for an encapsulation this does not know."""
+    if len(serialized) < 12 or serialized[0] != 0 or serialized[1] not in (0, 1, 6, 7):
+        return None
+    order = "little" if serialized[1] & 1 else "big"
+    sec = int.from_bytes(serialized[4:8], order, signed=True)
+    nanosec = int.from_bytes(serialized[8:12], order)
+    return sec * NS + nanosec
+
+
+class Decimator:
+    """Keeps at most one message per `min_period_s` of header time (0: keep all). A stamp older
+    than the last kept one passes, so that the buffers see (and count) out-of-order input."""
+
+    def __init__(self, min_period_s: float):
+        self.min_period_ns = int(min_period_s * NS)
+        self._last: int | None = None
+
+    def keep(self, stamp_ns: int | None) -> bool:
+        last = self._last
+        if (stamp_ns is not None and self.min_period_ns > 0 and last is not None
+                and 0 <= stamp_ns - last < self.min_period_ns):
+            return False
+        self._last = stamp_ns
+        return True
 
 
 def yaw_from_quaternion(x: float, y: float, z: float, w: float) -> float:
@@ -155,9 +290,12 @@ class SensingConfig:
     max_odom_staleness_s: float = 0.2  # newest odometry may be this much older than t0
     max_odom_gap_s: float = 0.5  # largest gap between odometry samples inside the history window
     max_input_age_s: float = 1.0  # skip when t0 is older than this (a dead camera stream)
-    clock_jump_threshold_s: float = 1.0  # backward jumps above this reset every buffer
+    clock_jump_threshold_s: float = 1.0  # stamps further than this from a topic's timeline are outliers
     buffer_seconds: float = 3.0
     resize_images: bool = True
+    max_speed_mps: float = 90.0  # odometry forward speed above this is implausible
+    max_reverse_speed_mps: float = 15.0  # and reversing faster than this
+    max_abs_position_m: float = 1e8  # odometry position components beyond this are implausible
 
     @property
     def history_seconds(self) -> float:
@@ -223,6 +361,7 @@ class SensorBuffers:
         self._images: dict[str, deque] = {name: deque() for name in config.cameras}
         self._odometry: deque = deque()
         self._last_clock_ns: int | None = None
+        self._pending_jumps: dict[str, list[int]] = {}  # per topic: stamps of a possible new timeline
         self.generation = 0  # bumped by every reset: stamps from before it are another timeline
 
     # -- bookkeeping
@@ -230,9 +369,7 @@ class SensorBuffers:
     def record(self, kind: str, reason: str) -> str:
         """Count a rejected input (or any event) and remember its reason. Returns the reason."""
         with self._lock:
-            self.counters[kind] += 1
-            self.last_reasons[kind] = reason
-        return reason
+            return self._count(kind, reason)
 
     def reset(self) -> None:
         with self._lock:
@@ -240,6 +377,7 @@ class SensorBuffers:
 
     def _clear(self) -> None:
         self.generation += 1
+        self._pending_jumps.clear()
         for buffer in self._images.values():
             buffer.clear()
         self._odometry.clear()
@@ -247,8 +385,7 @@ class SensorBuffers:
     def _jump(self, reason: str) -> None:
         """A backward jump in time (a bag loop): everything buffered is from another timeline."""
         self._clear()
-        self.counters[CLOCK_JUMPS] += 1
-        self.last_reasons[CLOCK_JUMPS] = reason
+        self._count(CLOCK_JUMPS, reason)
         self._last_clock_ns = None
 
     def observe_clock(self, now_ns: int) -> bool:
@@ -261,18 +398,38 @@ class SensorBuffers:
                 return True
         return False
 
-    def _accept_stamp(self, buffer: deque, stamp: int, what: str) -> str | None:
-        """Order check for a new stamp (lock held). None if it may be appended."""
+    def _accept_stamp(self, topic: str, buffer: deque, stamp: int, now_ns: int | None) -> str | None:
+        """Order and timeline checks for a new stamp (lock held). None if it may be appended.
+
+        A stamp ahead of the node's clock by more than the jump threshold, or behind its topic's
+        newest by more than that, is an outlier and dropped, unless JUMP_CONFIRMATIONS consecutive
+        messages agree on the new (earlier) timeline: then it was a real jump and every buffer
+        resets. A small step back is out of order and dropped.
+        """
+        threshold = int(self.config.clock_jump_threshold_s * NS)
+        if now_ns and stamp - now_ns > threshold:
+            return self._count(OUTLIER_STAMPS, f"{topic}: stamp {(stamp - now_ns) / NS:.2f} s ahead of the clock; dropped")
         if not buffer or stamp > buffer[-1][0]:
+            self._pending_jumps.pop(topic, None)
             return None
         back = (buffer[-1][0] - stamp) / NS
-        if back > self.config.clock_jump_threshold_s:
-            self._jump(f"{what} stamps jumped back {back:.2f} s; buffers reset")
-            return None
-        reason = (f"{what}: duplicate stamp" if back == 0 else
-                  f"{what}: stamp {back * 1e3:.0f} ms older than the newest one; dropped")
-        self.counters[OUT_OF_ORDER] += 1
-        self.last_reasons[OUT_OF_ORDER] = reason
+        if back * NS > threshold:
+            pending = self._pending_jumps.setdefault(topic, [])
+            if pending and not 0 < stamp - pending[-1] <= threshold:
+                pending.clear()  # not the same new timeline: start counting again
+            pending.append(stamp)
+            if len(pending) >= JUMP_CONFIRMATIONS:
+                self._jump(f"{topic} stamps jumped back {back:.2f} s ({len(pending)} messages agree); buffers reset")
+                return None
+            return self._count(OUTLIER_STAMPS, f"{topic}: stamp {back:.2f} s before the newest one; dropped")
+        reason = (f"{topic}: duplicate stamp" if back == 0 else
+                  f"{topic}: stamp {back * 1e3:.0f} ms older than the newest one; dropped")
+        return self._count(OUT_OF_ORDER, reason)
+
+    def _count(self, kind: str, reason: str) -> str:
+        """`record` with the lock already held."""
+        self.counters[kind] += 1
+        self.last_reasons[kind] = reason
         return reason
 
     def _prune(self, buffer: deque, newest: int) -> None:
@@ -282,13 +439,14 @@ class SensorBuffers:
 
     # -- insertion
 
-    def add_image(self, camera: str, stamp: int, image: np.ndarray) -> str | None:
-        """Insert a decoded BGR frame at the model's size. Returns a reason if it was rejected."""
+    def add_image(self, camera: str, stamp: int, image: np.ndarray, now_ns: int | None = None) -> str | None:
+        """Insert a decoded BGR frame at the model's size. Returns a reason if it was rejected.
+        `now_ns` is the node's clock (None or 0 when it has none yet)."""
         with self._lock:
             buffer = self._images.get(camera)
             if buffer is None:
                 return f"unknown camera {camera!r}"
-            reason = self._accept_stamp(buffer, stamp, f"camera {camera}")
+            reason = self._accept_stamp(f"camera {camera}", buffer, stamp, now_ns)
             if reason:
                 return reason
             buffer = self._images[camera]
@@ -297,13 +455,21 @@ class SensorBuffers:
             self.counters[IMAGES] += 1
         return None
 
-    def add_odometry(self, stamp: int, x: float, y: float, yaw: float, speed: float) -> str | None:
+    def add_odometry(self, stamp: int, x: float, y: float, yaw: float, speed: float,
+                     now_ns: int | None = None) -> str | None:
         """Insert one odometry sample. Returns a reason if it was rejected."""
         if not all(math.isfinite(v) for v in (x, y, yaw, speed)):
             return self.record(NAN_ODOMETRY, f"odometry with a non-finite value "
                                              f"(x={x}, y={y}, yaw={yaw}, speed={speed}); dropped")
+        cfg = self.config
+        if not -cfg.max_reverse_speed_mps <= speed <= cfg.max_speed_mps:
+            return self.record(IMPLAUSIBLE_ODOMETRY, f"odometry speed {speed:.4g} m/s outside "
+                                                     f"[-{cfg.max_reverse_speed_mps:g}, {cfg.max_speed_mps:g}]; dropped")
+        if max(abs(x), abs(y)) > cfg.max_abs_position_m:
+            return self.record(IMPLAUSIBLE_ODOMETRY, f"odometry position ({x:.4g}, {y:.4g}) beyond "
+                                                     f"{cfg.max_abs_position_m:g} m; dropped")
         with self._lock:
-            reason = self._accept_stamp(self._odometry, stamp, "odometry")
+            reason = self._accept_stamp("odometry", self._odometry, stamp, now_ns)
             if reason:
                 return reason
             self._odometry.append((stamp, float(x), float(y), float(yaw), float(speed)))
@@ -320,7 +486,7 @@ class SensorBuffers:
         return stamps
 
     def assemble(self, now_ns: int | None = None, last_t0_ns: int | None = None
-                 ) -> tuple[SensorFrame | None, str]:
+                 ) -> tuple[SensorFrame | None, SkipReason | str]:
         """The SensorFrame for this tick, or (None, why not)."""
         start = time.perf_counter()
         cfg = self.config
@@ -330,20 +496,20 @@ class SensorBuffers:
 
         missing = [name for name, frames in images.items() if not frames]
         if missing:
-            return None, f"no frames from camera {', '.join(missing)}"
+            return None, SkipReason("no_frames", f"no frames from camera {', '.join(missing)}")
         newest = {name: frames[-1][0] for name, frames in images.items()}
         t0 = min(newest.values())
         lagging = min(newest, key=newest.get)
         leading = max(newest, key=newest.get)
         skew = (newest[leading] - t0) / NS
         if skew > cfg.max_camera_skew_s:
-            return None, (f"camera skew {skew:.3f} s > {cfg.max_camera_skew_s:g} s "
+            return None, SkipReason("camera_skew", f"camera skew {skew:.3f} s > {cfg.max_camera_skew_s:g} s "
                           f"({lagging} lags behind {leading})")
         if last_t0_ns is not None and t0 <= last_t0_ns:
-            return None, "no new camera frames since the last plan"
+            return None, SkipReason("no_new_frames", "no new camera frames since the last plan")
         age = (now_ns - t0) / NS if now_ns is not None else float("nan")
         if age > cfg.max_input_age_s:
-            return None, f"input stale: camera frames at t0 are {age:.2f} s old (> {cfg.max_input_age_s:g} s)"
+            return None, SkipReason("input_stale", f"input stale: camera frames at t0 are {age:.2f} s old (> {cfg.max_input_age_s:g} s)")
 
         # Camera frames nearest the 10 Hz instants.
         offsets_ns = [int(round((cfg.num_frames - 1 - k) * cfg.frame_period_s * NS)) for k in range(cfg.num_frames)]
@@ -356,7 +522,7 @@ class SensorBuffers:
                 i = int(np.argmin(np.abs(frame_stamps - target)))
                 error = abs(int(frame_stamps[i]) - target) / NS
                 if error > cfg.frame_tolerance_s:
-                    return None, (f"camera {name}: no frame within {cfg.frame_tolerance_s:g} s of "
+                    return None, SkipReason("frame_alignment", f"camera {name}: no frame within {cfg.frame_tolerance_s:g} s of "
                                   f"t0-{offset / NS:.1f} s (nearest is {error:.3f} s away)")
                 misalignment = max(misalignment, error)
                 chosen.append(i)
@@ -365,29 +531,29 @@ class SensorBuffers:
 
         # Ego history from odometry.
         if len(odometry) < 2:
-            return None, f"odometry: {len(odometry)} message(s) buffered, need at least 2"
+            return None, SkipReason("odometry_short", f"odometry: {len(odometry)} message(s) buffered, need at least 2")
         samples = np.array(odometry, dtype=np.float64)
         samples[:, 0] = (samples[:, 0] - t0) / NS  # seconds relative to t0, exact around t0
         odom_lag = -float(samples[-1, 0])
         if odom_lag > cfg.max_odom_staleness_s:
-            return None, f"odometry stale: newest is {odom_lag:.3f} s older than t0 (> {cfg.max_odom_staleness_s:g} s)"
+            return None, SkipReason("odometry_stale", f"odometry stale: newest is {odom_lag:.3f} s older than t0 (> {cfg.max_odom_staleness_s:g} s)")
         history_start = -cfg.history_seconds
         if samples[0, 0] > history_start + cfg.frame_tolerance_s:
-            return None, (f"odometry covers {-samples[0, 0]:.2f} s before t0, "
+            return None, SkipReason("odometry_coverage", f"odometry covers {-samples[0, 0]:.2f} s before t0, "
                           f"the history needs {cfg.history_seconds:.1f} s")
         inside = (samples[:, 0] >= history_start - cfg.max_odom_gap_s) & (samples[:, 0] <= 0.0)
         window = samples[:, 0][inside]
         if len(window) >= 2:
             gap = float(np.max(np.diff(window)))
             if gap > cfg.max_odom_gap_s:
-                return None, f"odometry has a {gap:.2f} s gap in the history window (> {cfg.max_odom_gap_s:g} s)"
+                return None, SkipReason("odometry_gap", f"odometry has a {gap:.2f} s gap in the history window (> {cfg.max_odom_gap_s:g} s)")
         times = -STEP_SECONDS * np.arange(HISTORY_STEPS, -1, -1)
         states = interpolate_odometry(samples, times)
         origin = (float(states[-1, 0]), float(states[-1, 1]), float(states[-1, 2]))
         local = to_local_frame(states[:, :2], origin)
         history_xyz = np.column_stack([local, np.zeros(len(local))])  # planar, as in training
         if not np.isfinite(history_xyz).all():
-            return None, "odometry history is not finite"
+            return None, SkipReason("history_not_finite", "odometry history is not finite")
 
         frame = SensorFrame(
             t0_ns=int(t0),
@@ -404,3 +570,77 @@ class SensorBuffers:
         )
         frame.assembly_ms = (time.perf_counter() - start) * 1e3
         return frame, ""
+
+
+# --- From messages to buffers ---------------------------------------------------------------------
+
+class SensorInputs:
+    """Incoming messages -> `SensorBuffers`, with every guard on the way: decimation by header
+    stamp before deserialisation, bounded image decoding, size fitting and frame-id checks.
+
+    A message is either serialized bytes (the node subscribes raw; `deserialize(data, kind)` turns
+    kept ones into messages of kind "CompressedImage", "Image" or "Odometry") or a message
+    object. Each call returns None, or (key, reason) for the node's rate-limited log; every
+    rejection is also counted in the buffers.
+    """
+
+    def __init__(self, buffers: SensorBuffers, compressed: bool, deserialize):
+        self.buffers, self.deserialize = buffers, deserialize
+        self.image_kind = "CompressedImage" if compressed else "Image"
+        self._decode = image_from_compressed if compressed else image_from_raw
+        self._decimators = {name: Decimator(0.0) for name in (*buffers.config.cameras, "odometry")}
+        self._odom_frame: str | None = None
+        self.configure()
+
+    def configure(self, limits: ImageLimits = ImageLimits(), camera_max_rate_hz: float = 0.0,
+                  odom_max_rate_hz: float = 0.0, frame_id: str = "base_link") -> None:
+        self.limits, self.frame_id = limits, frame_id
+        for name, decimator in self._decimators.items():
+            rate = odom_max_rate_hz if name == "odometry" else camera_max_rate_hz
+            # 10 % margin: a stream at exactly the maximum rate, with jitter, is kept whole.
+            decimator.min_period_ns = int(0.9 * NS / rate) if rate > 0 else 0
+
+    def _take(self, message, kind: str, decimator: Decimator):
+        if isinstance(message, (bytes, bytearray, memoryview)):
+            if not decimator.keep(peek_header_stamp_ns(bytes(message[:12]))):
+                self.buffers.record(DECIMATED, f"{kind} above its configured maximum rate")
+                return None
+            return self.deserialize(bytes(message), kind)
+        return message if decimator.keep(stamp_ns(message.header.stamp)) else None
+
+    def image(self, camera: str, message, now_ns: int | None) -> tuple[str, str] | None:
+        if camera not in self._decimators:
+            return f"image-{camera}", f"unknown camera {camera!r}"
+        try:
+            message = self._take(message, self.image_kind, self._decimators[camera])
+            if message is None:
+                return None
+            cfg = self.buffers.config
+            size = (cfg.image_width, cfg.image_height)
+            image, resized = fit_size(self._decode(message, self.limits, size), *size, cfg.resize_images)
+            if resized:
+                self.buffers.record(RESIZED, f"camera {camera}: images resized to {size[0]}x{size[1]}")
+            reason = self.buffers.add_image(camera, stamp_ns(message.header.stamp), image, now_ns)
+            return (f"image-{camera}", reason) if reason else None
+        except InputError as error:
+            return f"{error.kind}-{camera}", self.buffers.record(error.kind, f"camera {camera}: {error.reason}")
+        except Exception as error:  # noqa: BLE001 - no message may stop the node
+            return (DECODE_ERRORS, self.buffers.record(DECODE_ERRORS, f"camera {camera}: {type(error).__name__}: "
+                                                                     f"{error}"))
+
+    def odometry(self, message, now_ns: int | None) -> tuple[str, str] | None:
+        try:
+            message = self._take(message, "Odometry", self._decimators["odometry"])
+            if message is None:
+                return None
+            parent, child = message.header.frame_id, message.child_frame_id
+            self._odom_frame = parent if self._odom_frame is None else self._odom_frame
+            mismatch = None
+            if parent != self._odom_frame or child not in ("", self.frame_id):
+                mismatch = (FRAME_MISMATCH, self.buffers.record(
+                    FRAME_MISMATCH, f"odometry in {parent!r} -> {child!r}, expected {self._odom_frame!r} -> "
+                                    f"{self.frame_id!r}"))
+            reason = self.buffers.add_odometry(*odometry_sample(message), now_ns=now_ns)
+            return ("odometry", reason) if reason else mismatch
+        except Exception as error:  # noqa: BLE001
+            return DECODE_ERRORS, self.buffers.record(DECODE_ERRORS, f"odometry: {type(error).__name__}: {error}")

@@ -69,20 +69,12 @@ def accel_curvature(speed: np.ndarray, yaw: np.ndarray, dt: float = STEP_SECONDS
 
 
 def integrate_unicycle(accel_curvature_pairs: np.ndarray, speed0: float, dt: float = STEP_SECONDS) -> np.ndarray:
-    """(acceleration, curvature) pairs -> [T, 4] of (x, y, yaw, speed) in the t0 frame.
+    """(acceleration, curvature) pairs [T, 2] -> [T, 4] of (x, y, yaw, speed) in the t0 frame:
+    the expert's unicycle (`models.expert.integrate_unicycle`), in float64 on numpy arrays."""
+    # Imported here: sensing, the replay report and the scenarios use this module without torch.
+    import torch
 
-    Mid-point rule on speed, so a constant-curvature input traces a true circle.
-    """
-    x = y = yaw = 0.0
-    speed = float(speed0)
-    out = np.empty((len(accel_curvature_pairs), 4))
-    for i, (accel, curvature) in enumerate(np.asarray(accel_curvature_pairs, dtype=float)):
-        new_speed = max(speed + accel * dt, 0.0)
-        distance = 0.5 * (speed + new_speed) * dt
-        mid_yaw = yaw + 0.5 * curvature * distance
-        x += distance * np.cos(mid_yaw)
-        y += distance * np.sin(mid_yaw)
-        yaw += curvature * distance
-        speed = new_speed
-        out[i] = (x, y, yaw, speed)
-    return out
+    from .models.expert import integrate_unicycle as integrate
+
+    controls = torch.as_tensor(np.asarray(accel_curvature_pairs, dtype=np.float64))
+    return torch.stack(integrate(controls[:, 0], controls[:, 1], float(speed0), dt), dim=-1).numpy()

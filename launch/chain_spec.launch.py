@@ -13,7 +13,7 @@ CONFIG_FILE = "chain_spec.yaml"
 RVIZ_FILE = "chain_spec.rviz"
 # Launch argument -> (parameter in the YAML, parameter type, description). Empty = keep the YAML value.
 OVERRIDES = {
-    "backend": ("backend", str, "inference backend: torch, onnxruntime or tensorrt"),
+    "backend": ("backend", str, "inference backend: auto, tensorrt, onnxruntime or torch"),
     "models_dir": ("models_dir", str, "directory with tokenizer.json and target/"),
     "drafter": ("drafter", str, "CoC decoding: auto, eagle (speculative) or none (target only)"),
     "use_sim_time": ("use_sim_time", bool, "follow /clock (bag replay)"),
@@ -56,8 +56,9 @@ def _node_actions(context, *_, **__):
         value = LaunchConfiguration(argument).perform(context)
         if value != "":
             overrides[parameter] = _convert(value, kind)
+    # The file, then the non-empty arguments: later entries win, as with any ROS 2 node.
     actions = [Node(package="chain_spec_ros", executable="chain_spec_node", name="chain_spec_node", output="screen",
-                    arguments=["--config", config_file], parameters=[overrides] if overrides else [])]
+                    parameters=[config_file, overrides] if overrides else [config_file])]
     if LaunchConfiguration("rviz").perform(context).lower() == "true":
         sim_time = overrides.get("use_sim_time", _file_value(config_file, "use_sim_time", False))
         actions.append(Node(package="rviz2", executable="rviz2", name="rviz2", output="screen",

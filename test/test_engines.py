@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 
+from chain_spec_ros.constants import DEFAULT_K
 from chain_spec_ros.drafters import EagleDrafter
-from chain_spec_ros.engines import export
+from chain_spec_ros.engines import auto_export, export, manifest
 from chain_spec_ros.engines.factory import build_engines
-from chain_spec_ros.engines.ort_engine import GraphTargetEngine
+from chain_spec_ros.engines.graph_engine import GraphTargetEngine
 from chain_spec_ros.models.config import TargetConfig
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
 from chain_spec_ros.models.target import TargetVLA
@@ -25,7 +26,7 @@ from chain_spec_ros.models.tokenizer import ChainTokenizer
 from chain_spec_ros.paths import default_tokenizer_path
 from chain_spec_ros.planner import Planner
 from chain_spec_ros.prompt import PromptBuilder
-from chain_spec_ros.speculative import DEFAULT_K
+from chain_spec_ros.replay.fixtures import write_tiny_models
 
 TOL = 1e-3
 MAX_NEW = 40  # planner.MAX_COC_TOKENS is 64; a random model rarely stops earlier
@@ -122,18 +123,18 @@ def _target_trace(engine, prompt):
 def test_export_writes_checked_graphs_and_manifest(models):
     import onnx
 
-    manifest = json.loads((models / "onnx" / "manifest.json").read_text())
-    verify = export.fixed_name("target_decoder", DEFAULT_K + 1)
-    assert set(manifest["graphs"]) == {*export.GRAPHS, "target_decoder_t1", verify, "draft_step_t1"}
-    assert manifest["target"]["feature_layers"] == [1, 2]  # the draft's [1, 1, 2], one output per layer
-    assert manifest["target"]["fingerprint"] == export.fingerprint(models / "target")
-    assert manifest["draft"]["fingerprint"] == export.fingerprint(models / "draft")
-    decoder = manifest["graphs"]["target_decoder"]
+    written = json.loads((models / "onnx" / "manifest.json").read_text())
+    verify = manifest.fixed_name("target_decoder", DEFAULT_K + 1)
+    assert set(written["graphs"]) == {*manifest.GRAPHS, "target_decoder_t1", verify, "draft_step_t1"}
+    assert written["target"]["feature_layers"] == [1, 2]  # the draft's [1, 1, 2], one output per layer
+    assert written["target"]["fingerprint"] == manifest.fingerprint(models / "target")
+    assert written["draft"]["fingerprint"] == manifest.fingerprint(models / "draft")
+    decoder = written["graphs"]["target_decoder"]
     assert decoder["inputs"]["positions"]["shape"] == [3, "tokens"]
     assert decoder["inputs"]["past_key_0"]["shape"] == [1, 2, "cache_len", 16]
     assert decoder["outputs"]["new_value_2"]["shape"] == [1, 2, "tokens", 16]
-    assert manifest["graphs"]["draft_step"]["inputs"]["positions"]["shape"] == [3, "tokens"]
-    for name, graph in manifest["graphs"].items():
+    assert written["graphs"]["draft_step"]["inputs"]["positions"]["shape"] == [3, "tokens"]
+    for name, graph in written["graphs"].items():
         model = onnx.load(str(models / "onnx" / graph["file"]))
         onnx.checker.check_model(model)
         if "kv_update" not in graph:
@@ -141,9 +142,9 @@ def test_export_writes_checked_graphs_and_manifest(models):
         # The fixed-size steps attend with GroupQueryAttention and write the cache in place; the
         # dynamic ones (prefill, TensorRT) are plain ONNX and return the new keys/values.
         in_place = graph["tokens"] is not None
-        assert graph["kv_update"] == ("in_place" if in_place else "append"), name
+        assert graph["kv_update"] == (manifest.KV_IN_PLACE if in_place else manifest.KV_APPEND), name
         fused = sum(node.op_type == "GroupQueryAttention" for node in model.graph.node)
-        layers = 1 if name.startswith("draft") else manifest["target"]["num_layers"]
+        layers = 1 if name.startswith("draft") else written["target"]["num_layers"]
         assert fused == (layers if in_place else 0), name
         kv = [o for o in graph["outputs"] if o.startswith(("present_", "new_"))]
         assert len(kv) == 2 * layers and all(o.startswith("present_" if in_place else "new_") for o in kv), name
@@ -348,12 +349,12 @@ def test_tensorrt_profiles_cover_every_graph_input(models):
     from chain_spec_ros.engines.build import profiles
     from chain_spec_ros.engines.trt_engine import choose_profile
 
-    manifest = export.load_manifest(models, models / "draft")
+    exported = manifest.load_manifest(models, models / "draft")
     config = TargetConfig.load(models / "target" / "config.json")
-    built = profiles(manifest, config, cache_len=400, k=7, max_images=32, prefill_opt=256)
-    assert set(built) == set(export.GRAPHS)
+    built = profiles(exported, config, cache_len=400, k=7, max_images=32, prefill_opt=256)
+    assert set(built) == set(manifest.GRAPHS)
     for name, graph_profiles in built.items():
-        inputs = manifest["graphs"][name]["inputs"]
+        inputs = exported["graphs"][name]["inputs"]
         for profile in graph_profiles:
             assert set(profile) == set(inputs), name
             for input_name, (low, opt, high) in profile.items():
@@ -386,10 +387,10 @@ def test_stale_or_missing_export_is_reported(models, tmp_path):
     with torch.no_grad():
         target.decoder.norm.weight.add_(0.1)
     target.save_pretrained(copy / "target")
-    with pytest.raises(export.StaleExportError, match="stale ONNX export.*re-run: chain-spec-export --models"):
+    with pytest.raises(manifest.StaleExportError, match="stale ONNX export.*re-run: chain-spec-export --models"):
         build_engines(copy, "onnxruntime", copy / "draft")
     shutil.rmtree(copy / "onnx")
-    with pytest.raises(export.ExportError, match="no ONNX export .* run: chain-spec-export"):
+    with pytest.raises(manifest.ExportError, match="no ONNX export .* run: chain-spec-export"):
         build_engines(copy, "onnxruntime")
 
 
@@ -401,8 +402,49 @@ def test_stale_draft_export_is_reported(models, tmp_path):
         draft.fuse.weight.mul_(2.0)
     draft.save_pretrained(copy / "draft")
     build_engines(copy, "onnxruntime")  # the target alone is still current
-    with pytest.raises(export.StaleExportError, match="draft graphs .* re-run: chain-spec-export .* --draft"):
+    with pytest.raises(manifest.StaleExportError, match="draft graphs .* re-run: chain-spec-export .* --draft"):
         build_engines(copy, "onnxruntime", copy / "draft")
+
+
+def test_auto_exports_on_first_use_and_matches_torch(tmp_path, builder):
+    """`auto` on a models directory without an export: exports into MODELS/onnx, runs ONNX
+    Runtime, says why not TensorRT, computes what torch computes; the next start reuses the export."""
+    models = write_tiny_models(tmp_path / "models", draft=True)
+    target, draft = build_engines(models, "auto", models / "draft", providers=["CPUExecutionProvider"])
+    assert target.backend == draft.backend == "onnxruntime"
+    assert (models / "onnx" / "manifest.json").is_file()
+    reason = target.fallback_reason
+    assert reason.startswith("auto: tensorrt unavailable: ") and reason.endswith("; chose onnxruntime")
+    assert f"no ONNX export at {models / 'onnx'}" in reason and f"exported the graphs to {models / 'onnx'}" in reason
+    reference, _ = build_engines(models, "torch", models / "draft", device="cpu")
+    prompt = _prompt(builder, 6)
+    got, want = _target_trace(target, prompt), _target_trace(reference, prompt)
+    for stage in ("prefill", "decode1", "verify", "verify_after_rollback"):
+        assert _diff(got[stage][0], want[stage][0]) < TOL and _diff(got[stage][1], want[stage][1]) < TOL, stage
+    assert np.abs(target.trajectory(prompt.rope_delta, 5.0, None, 3).xy
+                  - reference.trajectory(prompt.rope_delta, 5.0, None, 3).xy).max() < TOL
+    again, _ = build_engines(models, "auto", models / "draft", providers=["CPUExecutionProvider"])
+    assert again.backend == "onnxruntime" and "exported the graphs" not in again.fallback_reason
+
+
+def test_auto_reexports_stale_graphs_into_the_user_cache_when_models_is_read_only(tmp_path, monkeypatch):
+    models = write_tiny_models(tmp_path / "models")
+    build_engines(models, "auto")  # exports into MODELS/onnx
+    target = TargetVLA.from_pretrained(models / "target")
+    with torch.no_grad():
+        target.decoder.norm.weight.add_(0.1)
+    target.save_pretrained(models / "target")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(auto_export, "_writable", lambda directory: False)  # root ignores permission bits
+    cache = auto_export.export_cache_dir(models, None)
+    assert cache.parent == tmp_path / "cache" / "chain_spec_ros" / "onnx"
+    engine, _ = build_engines(models, "auto")
+    assert engine.backend == "onnxruntime" and engine.manifest["dir"] == str(cache)
+    assert "stale ONNX export" in engine.fallback_reason and f"exported the graphs to {cache}" in engine.fallback_reason
+    engine, _ = build_engines(models, "auto")  # the cache holds the export of these weights now
+    assert f"using the export in {cache}" in engine.fallback_reason
+    with pytest.raises(manifest.StaleExportError, match="re-run: chain-spec-export"):
+        build_engines(models, "onnxruntime")  # a named backend never exports behind the user's back
 
 
 @pytest.mark.skipif(_tensorrt_skip_reason() is None, reason="tensorrt is installed here: nothing to fall back from")

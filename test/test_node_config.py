@@ -37,7 +37,7 @@ def test_partial_file_takes_defaults_and_wildcard_entries(tmp_path):
     path = _write(tmp_path, "/**:\n  ros__parameters:\n    plan_rate_hz: 4.0\n    seed: 3\n"
                             "/vehicle/chain_spec_node:\n  ros__parameters:\n    seed: 5\n")
     config = load_config(path)
-    assert config.plan_rate_hz == 4.0 and config.seed == 5 and config.backend == "torch"
+    assert config.plan_rate_hz == 4.0 and config.seed == 5 and config.backend == "auto"
 
 
 def test_overrides_win(tmp_path):
@@ -54,7 +54,7 @@ def test_overrides_win(tmp_path):
     ({"torch_threads": True}, "torch_threads: expected an integer"),
     ({"use_sim_time": "yes"}, "use_sim_time: expected true or false"),
     ({"use_sim_time": 1}, "use_sim_time: expected true or false"),
-    ({"backend": "tpu"}, "backend: 'tpu' is not one of tensorrt, onnxruntime, torch"),
+    ({"backend": "tpu"}, "backend: 'tpu' is not one of auto, tensorrt, onnxruntime, torch"),
     ({"image_transport": "theora"}, "image_transport: 'theora' is not one of compressed, raw"),
     ({"cameras": []}, "cameras: expected a non-empty list"),
     ({"cameras": "front_wide"}, "cameras: expected a non-empty list"),
@@ -161,3 +161,20 @@ def test_rviz_config_shows_path_markers_camera_and_odometry():
     assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/chain_spec_node/markers"
     assert displays["rviz_default_plugins/Odometry"]["Topic"]["Value"] == "/odom"
     assert "front_wide" in displays["rviz_default_plugins/Image"]["Topic"]["Value"]
+
+
+# --- Runtime changes ---------------------------------------------------------------------------------
+
+def test_runtime_changes_are_validated_and_read_only_ones_refused():
+    from chain_spec_ros.node_config import RUNTIME_PARAMETERS, validate_update
+
+    current = NodeConfig()
+    assert validate_update(current, {"plan_rate_hz": 5.0, "draft_k": 4}).draft_k == 4
+    for change, message in [({"plan_rate_hz": -1.0}, "must be > 0"), ({"plan_rate_hz": 0.0}, "must be > 0"),
+                            ({"draft_k": 0}, "must be >= 1"), ({"draft_k": 10000}, "must be <= 32"),
+                            ({"torch_threads": 100000}, "read-only"), ({"models_dir": "/etc"}, "read-only"),
+                            ({"backend": "tpu"}, "read-only"), ({"drafter": "fast"}, "not one of")]:
+        with pytest.raises(ConfigError, match=message):
+            validate_update(current, change)
+    assert {"plan_rate_hz", "draft_k", "drafter", "expert_steps", "max_camera_skew_s"} <= RUNTIME_PARAMETERS
+    assert not {"models_dir", "backend", "cameras", "camera_topics", "torch_threads"} & RUNTIME_PARAMETERS

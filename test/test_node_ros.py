@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import cv2
@@ -26,13 +27,17 @@ rclpy = pytest.importorskip("rclpy", reason="the ROS 2 wheels (rclpy) are not in
 
 from chain_spec_ros.data.bag import CLOCK_TOPIC, ODOM_TOPIC, camera_topic, write_drive_bag  # noqa: E402
 from chain_spec_ros.replay import report as report_tool  # noqa: E402
-from chain_spec_ros.replay.fixtures import NodeProcess, ros_env, write_tiny_models  # noqa: E402
+from chain_spec_ros.replay.fixtures import (NodeProcess, jpeg_claiming, poison_target_weights, ros_env,  # noqa: E402
+                                            spinning_node, write_tiny_models)
 
 NS = 1_000_000_000
 CAMERAS = ("front_wide", "front_tele")
 PLAN_RATE_HZ = 2.0
 WARM_UP_S = 2.0  # 1.6 s of odometry history + the 0.3 s frame window + margin
 COMMA = Path(__file__).resolve().parents[2] / "shared" / "data" / "comma2k19"
+
+
+BOMB = jpeg_claiming(32768, 32768)
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +61,17 @@ def _replay(bag, out, env, *extra, timeout=120):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _reachable_plans(available_s: float, plans: dict) -> float:
+    """Plans a drop-if-busy node can publish in `available_s` given its measured planning times:
+    a plan started at a tick frees the worker at the first tick after it ends, so each one
+    occupies ceil(planning time / period) periods. On an idle machine with planning shorter than
+    the period this is one plan per tick; on a slower or busy one, fewer, and the tests ask for
+    that many (rate-relative), not for what only a fast idle machine reaches."""
+    period = 1.0 / PLAN_RATE_HZ
+    cycles = [max(1, math.ceil(p["info"]["planning_ms"] / 1e3 / period - 1e-6)) * period for p in plans.values()]
+    return available_s / float(np.mean(cycles)) if cycles else available_s * PLAN_RATE_HZ
+
+
 def _diag_values(diagnostics) -> list[dict[str, str]]:
     return [{kv.key: kv.value for status in d.status for kv in status.values} for d in diagnostics]
 
@@ -66,6 +82,7 @@ def test_startup_errors_are_clear_and_exit_non_zero(tmp_path, models):
     empty = tmp_path / "empty"
     empty.mkdir()
     mismatched = write_tiny_models(tmp_path / "mismatched", vocab_size=3000)
+    poisoned = poison_target_weights(write_tiny_models(tmp_path / "nan"))
     cases = {
         "missing_dir": (["--ros-args", "-p", f"models_dir:={tmp_path / 'nope'}"], "models directory not found"),
         "no_target": (["--ros-args", "-p", f"models_dir:={empty}"], "not found"),
@@ -73,7 +90,10 @@ def test_startup_errors_are_clear_and_exit_non_zero(tmp_path, models):
                        "model and tokenizer do not belong together"),
         "bad_parameters": (["--ros-args", "-p", f"models_dir:={models}", "-p", "plan_rate_hz:=-1.0",
                             "-p", "bogus:=1"], "plan_rate_hz: -1.0 is out of range"),
-        "bad_config": (["--config", str(tmp_path / "missing.yaml")], "parameter file not found"),
+        "bad_type": (["--ros-args", "-p", f"models_dir:={models}", "-p", "plan_rate_hz:=fast"],
+                     "plan_rate_hz: expected a number"),
+        "bad_params_file": (["--ros-args", "--params-file", str(tmp_path / "missing.yaml")], "missing.yaml"),
+        "nan_weights": (["--ros-args", "-p", f"models_dir:={poisoned}"], "self-test plan failed"),
     }
     env = ros_env(_domain())
     processes = {name: NodeProcess(args, env, tmp_path / f"{name}.log") for name, (args, _) in cases.items()}
@@ -113,10 +133,11 @@ def test_end_to_end_replay(tmp_path, models):
         assert plan["frame_id"] == "base_link"
         assert plan["trajectory"].shape == (64, 2) and np.isfinite(plan["trajectory"]).all()
         assert isinstance(plan.get("coc"), str) and plan["info"]["t0_ns"] == t0
-    # >= 90 % of the planning ticks after warm-up produced a CoC and a trajectory.
+    # After warm-up, >= 85 % of the plans the measured planning time allows (every tick when
+    # planning is shorter than the period) produced a CoC and a trajectory.
     window = [t for t in plans if start + WARM_UP_S <= t / NS <= end - 0.5]
-    expected = (end - 0.5 - start - WARM_UP_S) * PLAN_RATE_HZ
-    assert len(window) >= 0.9 * expected, (len(window), expected)
+    expected = _reachable_plans(end - 0.5 - start - WARM_UP_S, plans)
+    assert len(window) >= 0.85 * expected, (len(window), expected)
     assert report["plans_with_trajectory"] == report["plans_with_coc"] == len(plans)
     assert report["frames_base_link"] == len(plans)
 
@@ -141,7 +162,9 @@ def test_end_to_end_replay(tmp_path, models):
                 "node_overhead_share_pct", "tau", "drafted_share", "dropped_ticks", "skipped_ticks",
                 "input_staleness_s", "backend"):
         assert key in last, key
-    assert last["backend"] == "torch" and last["errors"] == "0"
+    # backend auto: ONNX Runtime, its graphs exported on the first start.
+    assert last["backend"] == "onnxruntime" and last["backend_requested"] == "auto" and last["errors"] == "0"
+    assert "exported the graphs" in last["backend_fallback"] and "chose onnxruntime" in last["backend_fallback"]
     assert math.isfinite(float(last["node_overhead_share_pct"]))
 
     # The report: JSON and picture.
@@ -172,6 +195,7 @@ class FakeSensors:
         frame[24:] = (90, 90, 90)
         self.jpeg = cv2.imencode(".jpg", frame)[1].tobytes()
         self.small_jpeg = cv2.imencode(".jpg", cv2.resize(frame, (64, 32)))[1].tobytes()
+        self.one_pixel = cv2.imencode(".png", frame[:1, :1])[1].tobytes()
 
     def publishers(self):
         return [self.odom, *self.cameras.values()]
@@ -185,10 +209,10 @@ class FakeSensors:
         self._stamp(message.clock, ns)
         self.clock.publish(message)
 
-    def publish_odom(self, ns, x=None, speed=10.0):
+    def publish_odom(self, ns, x=None, speed=10.0, child_frame_id="base_link"):
         message = self.types["odom"]()
         self._stamp(message.header.stamp, ns)
-        message.header.frame_id = "odom"
+        message.header.frame_id, message.child_frame_id = "odom", child_frame_id
         message.pose.pose.position.x = speed * (ns / NS % 1000.0) if x is None else x
         message.pose.pose.orientation.w = 1.0
         message.twist.twist.linear.x = speed
@@ -205,25 +229,19 @@ class FakeSensors:
 def test_bad_input_is_reported_and_never_crashes_the_node(tmp_path, models):
     from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
     from nav_msgs.msg import Path as PathMsg
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
 
     domain = _domain()
     env = ros_env(domain)
-    node = NodeProcess(_node_args(models, "-p", "diagnostics_rate_hz:=4.0"), env, tmp_path / "node.log")
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain)
-    tester = rclpy.create_node("bad_input_tester", context=context)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(tester)
+    # Every message reaches the checks (no decimation: the faults below arrive between regular messages).
+    node = NodeProcess(_node_args(models, "-p", "diagnostics_rate_hz:=4.0", "-p", "odom_max_rate_hz:=0.0",
+                                  "-p", "camera_max_rate_hz:=0.0"), env, tmp_path / "node.log")
     diagnostics, trajectories = [], []
-    qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
-    tester.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, qos)
-    tester.create_subscription(PathMsg, "/chain_spec_node/trajectory", trajectories.append, qos)
-    sensors = FakeSensors(tester)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    try:
+    with node, spinning_node(domain, "bad_input_tester") as tester:
+        qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+        tester.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, qos)
+        tester.create_subscription(PathMsg, "/chain_spec_node/trajectory", trajectories.append, qos)
+        sensors = FakeSensors(tester)
         deadline = time.monotonic() + 60
         while not all(p.get_subscription_count() for p in sensors.publishers()):
             assert node.alive(), node.output()
@@ -239,6 +257,11 @@ def test_bad_input_is_reported_and_never_crashes_the_node(tmp_path, models):
             340: lambda ns: sensors.publish_odom(ns + 10 * NS // 1000, x=float("nan")),
             360: lambda ns: sensors.publish_odom(ns - 300 * NS // 1000),
             370: lambda ns: sensors.publish_image("front_wide", ns + 50 * NS // 1000, data=sensors.small_jpeg),
+            380: lambda ns: sensors.publish_image("front_wide", ns + 50 * NS // 1000, data=BOMB),
+            390: lambda ns: sensors.publish_odom(ns + 10 * NS // 1000, speed=1e39),
+            400: lambda ns: sensors.publish_odom(ns - 3 * NS),  # one outlier stamp: dropped, no reset
+            410: lambda ns: sensors.publish_image("front_wide", ns + 50 * NS // 1000, data=sensors.one_pixel),
+            420: lambda ns: sensors.publish_odom(ns + 10 * NS // 1000, child_frame_id="imu_link"),
         }
         wall0 = time.monotonic()
         for tick in range(1100):  # 11 s of simulated time at 100 Hz, in real time
@@ -260,12 +283,6 @@ def test_bad_input_is_reported_and_never_crashes_the_node(tmp_path, models):
                 faults[tick](ns)
         time.sleep(1.0)
         assert node.alive(), node.output()
-    finally:
-        executor.shutdown()
-        tester.destroy_node()
-        rclpy.try_shutdown(context=context)
-        spinner.join(2.0)
-        node.stop()
 
     values = _diag_values(diagnostics)
     assert values, "no /diagnostics\n" + node.output()
@@ -282,6 +299,12 @@ def test_bad_input_is_reported_and_never_crashes_the_node(tmp_path, models):
     assert most("out_of_order") >= 1
     assert most("resized") >= 1
     assert most("clock_jumps") >= 1
+    assert most("oversized_images") >= 1 and "32768x32768" in values[-1]["last_oversized_images"]
+    assert most("implausible_odometry") >= 1
+    assert most("outlier_stamps") >= 1
+    assert most("wrong_size") >= 1 and "too small" in values[-1]["last_wrong_size"]
+    assert most("frame_id_mismatch") >= 1 and "imu_link" in values[-1]["last_frame_id_mismatch"]
+    assert all(np.isfinite([[p.pose.position.x, p.pose.position.y] for p in t.poses]).all() for t in trajectories)
     reasons = {v.get("last_skip_reason", "") for v in values}
     assert any("camera skew" in r and "front_tele" in r for r in reasons), reasons
     assert any("no frames from camera front_tele" in r for r in reasons), reasons
@@ -318,10 +341,11 @@ def test_comma2k19_replay_keeps_planning(tmp_path, models):
     report, outputs, drive = report_tool.build_report(out)
     # A slow plan (a loaded machine, a random draft that is never accepted) makes the next tick
     # drop (drop-if-busy); every tick after warm-up either planned or was dropped, none was
-    # skipped for bad input, and planning never stopped.
-    expected = (seconds - 0.5 - WARM_UP_S) * PLAN_RATE_HZ
+    # skipped for bad input, and planning never stopped. Rate-relative: half of what the
+    # measured planning time allows (a loaded machine replays /clock unevenly).
+    expected = _reachable_plans(seconds - 0.5 - WARM_UP_S, outputs["plans"])
     ticks = report["ticks"]
-    assert report["plans"] >= 0.25 * expected, (report["plans"], expected, ticks, node.output()[-3000:])
+    assert report["plans"] >= 0.5 * expected, (report["plans"], expected, ticks, node.output()[-3000:])
     assert ticks["skipped_ticks"] <= WARM_UP_S * PLAN_RATE_HZ + 1, (ticks, node.output()[-3000:])
     speeds = [p["info"]["speed"] for p in outputs["plans"].values()]
     assert 8.0 < np.mean(speeds) < 25.0  # the real car's speed reached the planner
@@ -372,12 +396,12 @@ def test_planning_errors_are_reported_and_ticks_dropped_while_busy():
     from nav_msgs.msg import Odometry
     from sensor_msgs.msg import CompressedImage
 
-    from chain_spec_ros.node import create_node
+    from chain_spec_ros.node import ChainSpecNode
 
-    context_args = dict(domain_id=_domain())
-    rclpy.init(**context_args)
+    rclpy.init(domain_id=_domain())
     planner = ScriptedPlanner()
-    node = create_node(None, planner_loader=lambda config: (planner, Path("scripted")))
+    node = ChainSpecNode(planner_loader=lambda config: (planner, Path("scripted")))
+    assert planner.calls == 1  # the start-up self-test plan
     try:
         jpeg = cv2.imencode(".jpg", np.zeros((48, 96, 3), np.uint8))[1].tobytes()
         now = node.get_clock().now().nanoseconds
@@ -424,7 +448,7 @@ def test_planning_errors_are_reported_and_ticks_dropped_while_busy():
         assert values["stats.target_passes"] == "2"
         assert "latency_draft_overhead_p95_ms" in values  # any new timing stage is published
         assert node._diagnostics().status[0].level == DiagnosticStatus.OK
-        assert planner.calls == 2
+        assert planner.calls == 3
     finally:
         node.close()
         node.destroy_node()
@@ -435,14 +459,15 @@ def test_raw_images_and_ros_parameter_overrides(tmp_path):
     from nav_msgs.msg import Odometry
     from sensor_msgs.msg import Image
 
-    from chain_spec_ros.node import create_node
+    from chain_spec_ros.node import ChainSpecNode
 
     config = tmp_path / "params.yaml"
     config.write_text("chain_spec_node:\n  ros__parameters:\n    image_transport: raw\n    plan_rate_hz: 1.0\n"
                       "    camera_topics: [/a/image, /b/image]\n")
-    rclpy.init(args=["test", "--ros-args", "-p", "plan_rate_hz:=5", "-p", "seed:=3"], domain_id=_domain())
+    rclpy.init(args=["test", "--ros-args", "--params-file", str(config), "-p", "plan_rate_hz:=5", "-p", "seed:=3"],
+               domain_id=_domain())
     planner = ScriptedPlanner()
-    node = create_node(config, planner_loader=lambda cfg: (planner, Path("scripted")))
+    node = ChainSpecNode(planner_loader=lambda cfg: (planner, Path("scripted")))
     try:
         cfg = node.config
         assert cfg.image_transport == "raw" and cfg.camera_topics == ["/a/image", "/b/image"]
@@ -465,7 +490,7 @@ def test_raw_images_and_ros_parameter_overrides(tmp_path):
             node._on_odometry(odom)
         node._on_tick()
         deadline = time.monotonic() + 10
-        while planner.calls == 0 or node.worker.busy:
+        while planner.calls == 1 or node.worker.busy:
             assert time.monotonic() < deadline
             time.sleep(0.01)
         values = {kv.key: kv.value for s in node._diagnostics().status for kv in s.values}
@@ -474,3 +499,152 @@ def test_raw_images_and_ros_parameter_overrides(tmp_path):
         node.close()
         node.destroy_node()
         rclpy.try_shutdown()
+
+
+# --- Runtime parameters from another process ------------------------------------------------------------
+
+class LiveSensors:
+    """FakeSensors on the wall clock, from a background thread: odometry at 50 Hz, cameras at 10 Hz."""
+
+    def __init__(self, sensors: "FakeSensors", clock):
+        self.sensors, self.clock = sensors, clock
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        tick = 0
+        while not self._stop.is_set():
+            ns = self.clock().nanoseconds
+            self.sensors.publish_odom(ns)
+            if tick % 5 == 0:
+                for camera in CAMERAS:
+                    self.sensors.publish_image(camera, ns)
+            tick += 1
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.thread.join(2.0)
+
+
+def _set_parameters(tester, values: dict, timeout: float = 20.0):
+    """SetParameters on /chain_spec_node from this process -> [(successful, reason)]."""
+    from rcl_interfaces.srv import SetParameters
+    from rclpy.parameter import Parameter
+
+    client = tester.create_client(SetParameters, "/chain_spec_node/set_parameters")
+    assert client.wait_for_service(timeout_sec=timeout), "no set_parameters service"
+    request = SetParameters.Request(parameters=[Parameter(k, value=v).to_parameter_msg() for k, v in values.items()])
+    future = client.call_async(request)
+    deadline = time.monotonic() + timeout
+    while not future.done():
+        assert time.monotonic() < deadline, "set_parameters timed out"
+        time.sleep(0.05)
+    tester.destroy_client(client)
+    return [(r.successful, r.reason) for r in future.result().results]
+
+
+def test_parameters_set_from_another_process_take_effect_or_are_refused(tmp_path, models):
+    from diagnostic_msgs.msg import DiagnosticArray
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from std_msgs.msg import String
+
+    domain = _domain()
+    env = ros_env(domain)
+    node = NodeProcess(["--ros-args", "-p", f"models_dir:={models}", "-p", "backend:=torch", "-p", "torch_threads:=1",
+                        "-p", "plan_rate_hz:=2.0", "-p", "diagnostics_rate_hz:=4.0"], env, tmp_path / "node.log")
+    infos, diagnostics = [], []
+
+    def wait_for(condition, what, timeout=60.0):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert node.alive(), node.output()
+            assert time.monotonic() < deadline, f"{what}\n{node.output()[-3000:]}"
+            time.sleep(0.1)
+
+    def ticks() -> int:
+        return int(_diag_values(diagnostics[-1:])[0]["ticks"])
+
+    with node, spinning_node(domain, "parameter_tester") as tester:
+        qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
+        tester.create_subscription(String, "/chain_spec_node/plan_info", lambda m: infos.append(json.loads(m.data)),
+                                   qos)
+        tester.create_subscription(DiagnosticArray, "/diagnostics", diagnostics.append, qos)
+        sensors = FakeSensors(tester)
+        wait_for(lambda: all(p.get_subscription_count() for p in sensors.publishers()), "the node never subscribed")
+        with LiveSensors(sensors, tester.get_clock().now):
+            wait_for(lambda: infos and diagnostics, "no plan")
+            assert infos[-1]["draft_k"] == 16
+            # Valid runtime changes take effect at once.
+            assert _set_parameters(tester, {"plan_rate_hz": 5.0, "draft_k": 4}) == [(True, ""), (True, "")]
+            count = len(infos)
+            wait_for(lambda: len(infos) > count + 2, "no plan after the change")
+            assert infos[-1]["draft_k"] == 4
+            wait_for(lambda: _diag_values(diagnostics[-1:])[0]["plan_rate_hz"] == "5", "rate not reported")
+            before, start = ticks(), time.monotonic()
+            time.sleep(3.0)
+            rate = (ticks() - before) / (time.monotonic() - start)
+            assert rate > 3.0, rate  # 5 Hz ticks now; 2 Hz before
+            # Invalid ones are refused with a reason and change nothing.
+            refused = {"plan_rate_hz": -1.0, "draft_k": 10000, "models_dir": "/etc", "torch_threads": 100000,
+                       "drafter": "eagle", "max_camera_skew_s": float("nan")}
+            for name, value in refused.items():
+                [(ok, reason)] = _set_parameters(tester, {name: value})
+                assert not ok and reason, (name, reason)
+                if name in ("models_dir", "torch_threads"):
+                    assert "read-only" in reason or "read only" in reason, reason
+                if name == "drafter":
+                    assert "no draft was loaded" in reason, reason
+            [(ok, reason)] = _set_parameters(tester, {"plan_rate_hz": 0.0})
+            assert not ok and "must be > 0" in reason, reason
+            count = len(infos)
+            wait_for(lambda: len(infos) > count + 2, "planning stopped after refused changes")
+            assert infos[-1]["draft_k"] == 4
+        assert node.alive(), node.output()
+    code = node.process.returncode
+    assert code == 0 and "Traceback" not in node.output(), node.output()
+
+
+# --- Shutdown -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_clean_exit_on_signals_while_loading_idle_and_planning(tmp_path, models, signal_name):
+    """Exit status 0, no traceback or error, within 2 s: while the models load, while idle, and
+    while plans run back to back (a signal then lands mid-plan most of the time)."""
+    import signal
+
+    from std_msgs.msg import String
+
+    number = getattr(signal, signal_name)
+    domain = _domain()
+    env = ros_env(domain)
+    args = ["--ros-args", "-p", f"models_dir:={models}", "-p", "backend:=torch", "-p", "torch_threads:=1",
+            "-p", "plan_rate_hz:=20.0"]
+    for phase, marker in (("loading", "loading the models"), ("idle", "planning at"), ("planning", "planning at")):
+        node = NodeProcess(args, env, tmp_path / f"{phase}.log")
+        with node, spinning_node(domain, "signal_tester") as tester:
+            deadline = time.monotonic() + 90
+            while marker not in node.output():
+                assert node.alive() and time.monotonic() < deadline, f"{phase}:\n{node.output()}"
+                time.sleep(0.01)
+            with ExitStack() as sensors:
+                if phase == "planning":
+                    plans = []
+                    tester.create_subscription(String, "/chain_spec_node/plan_info", plans.append, 10)
+                    sensors.enter_context(LiveSensors(FakeSensors(tester), tester.get_clock().now))
+                    while len(plans) < 3:
+                        assert node.alive() and time.monotonic() < deadline, f"{phase}: no plans\n{node.output()}"
+                        time.sleep(0.01)
+                    time.sleep(random.uniform(0.0, 0.05))
+                node.process.send_signal(number)
+                sent = time.monotonic()
+                code = node.process.wait(10)
+                elapsed = time.monotonic() - sent
+        output = node.output()
+        assert code == 0, f"{phase}: exit {code}\n{output}"
+        assert elapsed < 2.0, f"{phase}: {elapsed:.2f} s to exit"
+        assert "Traceback" not in output and "[ERROR]" not in output, f"{phase}:\n{output}"

@@ -9,7 +9,6 @@ import os
 import random
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 
 from chain_spec_ros.data.bag import CLOCK_TOPIC, ODOM_TOPIC, camera_topic, read_drive_bag, write_drive_bag
+from chain_spec_ros.metrics import displacement_errors
 from chain_spec_ros.replay import replay as replay_tool
 from chain_spec_ros.replay import report as report_tool
 from chain_spec_ros.scenarios.render import DEFAULT_CAMERAS
@@ -53,55 +53,42 @@ def test_synthesised_clock_covers_the_bag():
 
 
 def test_replay_republishes_raw_messages_and_records_outputs(tmp_path):
-    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("rclpy")
     from diagnostic_msgs.msg import DiagnosticArray
     from nav_msgs.msg import Odometry, Path as PathMsg
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from rosgraph_msgs.msg import Clock
     from sensor_msgs.msg import CompressedImage
     from std_msgs.msg import String
     from visualization_msgs.msg import MarkerArray
 
-    from chain_spec_ros.replay.fixtures import ros_env
+    from chain_spec_ros.replay.fixtures import ros_env, spinning_node
 
     bag, out = tmp_path / "drive_sqlite", tmp_path / "outputs"
     write_drive_bag(bag, 3.0, seed=4, storage="sqlite3", progress=False)
     domain = random.Random(os.getpid() * 31 + time.monotonic_ns()).randint(1, 101)
-    context = rclpy.Context()
-    rclpy.init(context=context, domain_id=domain)
-    node = rclpy.create_node("stand_in", context=context)
     received: dict[str, list] = {}
     qos = QoSProfile(depth=500, reliability=ReliabilityPolicy.RELIABLE)
     inputs = {CLOCK_TOPIC: Clock, ODOM_TOPIC: Odometry,
               **{camera_topic(c.name): CompressedImage for c in DEFAULT_CAMERAS}}
-    coc = node.create_publisher(String, "/chain_spec_node/coc", 10)
-    for name, kind in (("trajectory", PathMsg), ("markers", MarkerArray), ("plan_info", String)):
-        node.create_publisher(kind, f"/chain_spec_node/{name}", 10)
-    node.create_publisher(DiagnosticArray, "/diagnostics", 10)
+    with spinning_node(domain, "stand_in") as node:
+        coc = node.create_publisher(String, "/chain_spec_node/coc", 10)
+        for name, kind in (("trajectory", PathMsg), ("markers", MarkerArray), ("plan_info", String)):
+            node.create_publisher(kind, f"/chain_spec_node/{name}", 10)
+        node.create_publisher(DiagnosticArray, "/diagnostics", 10)
 
-    def on_message(topic, raw):
-        received.setdefault(topic, []).append(bytes(raw))
-        if topic == camera_topic("front_wide"):
-            coc.publish(String(data=f"frame {len(received[topic])}"))
+        def on_message(topic, raw):
+            received.setdefault(topic, []).append(bytes(raw))
+            if topic == camera_topic("front_wide"):
+                coc.publish(String(data=f"frame {len(received[topic])}"))
 
-    for topic, kind in inputs.items():
-        node.create_subscription(kind, topic, lambda raw, topic=topic: on_message(topic, raw), qos, raw=True)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
-    try:
+        for topic, kind in inputs.items():
+            node.create_subscription(kind, topic, lambda raw, topic=topic: on_message(topic, raw), qos, raw=True)
         started = time.monotonic()
         result = subprocess.run([sys.executable, "-m", "chain_spec_ros.replay.replay", str(bag), "--record", str(out),
                                  "--rate", "4", "--wait-timeout", "30", "--settle", "0.5"],
                                 env=ros_env(domain), capture_output=True, text=True, timeout=90)
         elapsed = time.monotonic() - started
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown(context=context)
-        spinner.join(2.0)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "played" in result.stdout
 
@@ -150,7 +137,7 @@ def test_future_in_t0_frame():
 def test_displacement_errors():
     truth = np.zeros((64, 2))
     predicted = np.column_stack([np.zeros(64), np.arange(64) * 0.1])
-    errors = report_tool.displacement(predicted, truth)
+    errors = displacement_errors(predicted, truth)
     assert errors["fde_6.4s"] == pytest.approx(6.3)
     assert errors["ade_1s"] == pytest.approx(np.arange(10).mean() * 0.1)
 

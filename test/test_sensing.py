@@ -11,6 +11,7 @@ from chain_spec_ros import sensing
 from chain_spec_ros.sensing import (NS, InputError, SensingConfig, SensorBuffers, decode_compressed, decode_raw,
                                     fit_size, image_from_compressed, image_from_raw, interpolate_odometry,
                                     odometry_sample)
+from chain_spec_ros.replay.fixtures import jpeg_claiming
 from chain_spec_ros.trajectory import history_bins, to_local_frame
 
 T_START = 1_700_000_000 * NS
@@ -191,17 +192,57 @@ def test_backward_stamp_jump_resets_all_buffers():
     last = _fill(buffers)
     assert buffers.assemble()[0] is not None
     generation = buffers.generation
-    # A bag loop: odometry restarts 2.5 s earlier.
-    assert buffers.add_odometry(T_START, 0.0, 0.0, 0.0, 10.0) is None
+    # A bag loop: odometry restarts 2.5 s earlier; the first messages of the new timeline are
+    # outliers until JUMP_CONFIRMATIONS of them agree.
+    for i in range(sensing.JUMP_CONFIRMATIONS - 1):
+        assert "before the newest" in buffers.add_odometry(T_START + i * NS // 50, 0.0, 0.0, 0.0, 10.0)
+        assert buffers.generation == generation
+    assert buffers.add_odometry(T_START + NS // 10, 0.0, 0.0, 0.0, 10.0) is None
     assert buffers.counters[sensing.CLOCK_JUMPS] == 1 and buffers.generation > generation
     assert "jumped back" in buffers.last_reasons[sensing.CLOCK_JUMPS]
     stamps = buffers.newest_stamps()
-    assert stamps["a"] is None and stamps["b"] is None and stamps["odometry"] == T_START
+    assert stamps["a"] is None and stamps["b"] is None and stamps["odometry"] == T_START + NS // 10
     frame, reason = buffers.assemble()
-    assert frame is None and "no frames" in reason
+    assert frame is None and "no frames" in reason and reason.kind == "no_frames"
     # The same drive fed again assembles normally.
     buffers.reset()
     assert _fill(buffers) == last and buffers.assemble()[0] is not None
+
+
+def test_one_outlier_stamp_per_second_leaves_the_buffers_alone():
+    """A single message far in the past or ahead of the clock is dropped and counted; the drive
+    goes on planning, nothing is reset."""
+    buffers = _buffers()
+    plans = 0
+    for second in range(2, 8):
+        last = _fill(buffers, seconds=second)
+        now = last + NS // 20
+        assert "before the newest" in buffers.add_odometry(last - 3 * NS, 0.0, 0.0, 0.0, 10.0, now_ns=now)
+        assert "ahead of the clock" in buffers.add_odometry(last + 5 * NS, 0.0, 0.0, 0.0, 10.0, now_ns=now)
+        assert "ahead of the clock" in buffers.add_image("a", last + 5 * NS, _frame(0), now_ns=now)
+        frame, reason = buffers.assemble(now_ns=now)
+        plans += frame is not None
+        buffers.reset()
+    assert plans == 6
+    assert buffers.counters[sensing.OUTLIER_STAMPS] == 18 and buffers.counters[sensing.CLOCK_JUMPS] == 0
+
+
+def test_outliers_that_disagree_do_not_confirm_a_jump():
+    buffers = _buffers()
+    last = _fill(buffers)
+    for back in (5, 9, 3, 7):  # scattered old stamps, not one new timeline
+        assert "before the newest" in buffers.add_odometry(last - back * NS, 0.0, 0.0, 0.0, 10.0)
+    assert buffers.counters[sensing.CLOCK_JUMPS] == 0 and buffers.assemble()[0] is not None
+
+
+@pytest.mark.parametrize("speed, x, message", [(1e39, 0.0, "speed"), (1e30, 0.0, "speed"), (-30.0, 0.0, "speed"),
+                                               (10.0, 1e30, "position"), (10.0, -2e8, "position")])
+def test_implausible_odometry_is_rejected_and_counted(speed, x, message):
+    buffers = _buffers()
+    reason = buffers.add_odometry(T_START, x, 0.0, 0.0, speed)
+    assert reason and message in reason and "dropped" in reason
+    assert buffers.counters[sensing.IMPLAUSIBLE_ODOMETRY] == 1 and buffers.counters[sensing.ODOMETRY] == 0
+    assert buffers.add_odometry(T_START, 1.0e6, -4.0e6, 0.0, -3.0) is None  # UTM-sized, reversing slowly
 
 
 def test_clock_jump_resets_all_buffers():
@@ -307,3 +348,77 @@ def test_odometry_sample_reads_an_odometry_message():
     stamp, x, y, got_yaw, speed = odometry_sample(message)
     assert stamp == 1_700_000_001_250_000_000 and (x, y, speed) == (1.0, 2.0, 3.0)
     assert got_yaw == pytest.approx(yaw)
+
+
+# --- Guards before decoding -------------------------------------------------------------------------
+
+def test_decompression_bomb_is_rejected_from_its_header_cheaply():
+    import time
+    import tracemalloc
+
+    bomb = jpeg_claiming(32768, 32768)
+    assert len(bomb) < 1000 and sensing.compressed_image_size(bomb) == (32768, 32768)
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(InputError) as error:
+        decode_compressed("jpeg", bomb)
+    elapsed = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert error.value.kind == sensing.OVERSIZED and "32768x32768" in error.value.reason
+    assert elapsed < 0.05 and peak < 50 * 2**20, (elapsed, peak)
+
+
+def test_png_header_and_payload_limits():
+    png = cv2.imencode(".png", np.zeros((30, 40, 3), np.uint8))[1].tobytes()
+    assert sensing.compressed_image_size(png) == (40, 30)
+    limits = sensing.ImageLimits(max_pixels=40 * 30 - 1)
+    with pytest.raises(InputError, match="max_image_pixels") as error:
+        decode_compressed("png", png, limits)
+    assert error.value.kind == sensing.OVERSIZED
+    with pytest.raises(InputError, match="max_image_bytes"):
+        decode_compressed("png", png, sensing.ImageLimits(max_bytes=len(png) - 1))
+    with pytest.raises(InputError, match="no JPEG or PNG header"):
+        decode_compressed("", b"GIF89a" + bytes(100))
+    with pytest.raises(InputError, match="max_image_pixels"):
+        decode_raw("bgr8", 5000, 5000, 15000, b"", limits=sensing.ImageLimits())
+
+
+def test_tiny_frames_are_rejected_not_stretched():
+    one = cv2.imencode(".png", np.zeros((1, 1, 3), np.uint8))[1].tobytes()
+    with pytest.raises(InputError, match="too small") as error:
+        decode_compressed("png", one, target=(96, 48))
+    assert error.value.kind == sensing.WRONG_SIZE
+    half = cv2.imencode(".png", np.zeros((24, 48, 3), np.uint8))[1].tobytes()
+    assert decode_compressed("png", half, target=(96, 48)).shape == (24, 48, 3)  # resized later
+
+
+def test_large_jpeg_is_decoded_at_a_reduced_scale_that_still_covers_the_model():
+    big = np.zeros((960, 1920, 3), np.uint8)
+    big[:, 960:] = 255
+    jpeg = cv2.imencode(".jpg", big)[1].tobytes()
+    image = decode_compressed("jpeg", jpeg, target=(96, 48))
+    assert image.shape == (120, 240, 3)  # 1/8 scale
+    assert decode_compressed("jpeg", jpeg, target=(500, 300)).shape == (480, 960, 3)  # 1/2 scale
+    fitted, resized = fit_size(image, 96, 48, True)
+    assert resized and fitted[:, :40].mean() < 10 and fitted[:, 56:].mean() > 245
+
+
+def test_header_stamp_is_read_from_serialized_messages():
+    pytest.importorskip("rclpy", reason="the ROS 2 wheels (rclpy) are not installed")
+    from nav_msgs.msg import Odometry
+    from rclpy.serialization import serialize_message
+    from sensor_msgs.msg import CompressedImage
+
+    for message in (Odometry(), CompressedImage(data=b"abc", format="jpeg")):
+        message.header.stamp.sec, message.header.stamp.nanosec = 1_700_000_123, 456_789
+        assert sensing.peek_header_stamp_ns(serialize_message(message)) == 1_700_000_123 * NS + 456_789
+    assert sensing.peek_header_stamp_ns(b"\x01\x02") is None
+
+
+def test_decimator_keeps_one_message_per_period_and_passes_old_stamps():
+    decimator = sensing.Decimator(0.02)
+    kept = [t for t in range(0, 1000) if decimator.keep(T_START + t * NS // 1000)]  # 1 kHz for 1 s
+    assert len(kept) == 50 and all(b - a == 20 for a, b in zip(kept, kept[1:]))
+    assert decimator.keep(T_START)  # back in time: passes (the buffers count it)
+    assert sensing.Decimator(0.0).keep(T_START) and sensing.Decimator(0.0).keep(T_START)

@@ -11,16 +11,25 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..models.config import TargetConfig
 from ..models.draft import DraftConfig
+from ..models.expert import Trajectory
 
 
 @dataclass
 class TrajectoryOut:
     xy: np.ndarray  # [64, 2] in the t0 frame
     controls: np.ndarray  # [64, 2] (acceleration, curvature)
+
+    @classmethod
+    def from_trajectory(cls, trajectory: Trajectory) -> "TrajectoryOut":
+        """The first (a request's only) sample of the model's batched trajectory."""
+        t = trajectory
+        return cls(torch.stack([t.x[0], t.y[0]], -1).cpu().numpy(),
+                   torch.stack([t.accel[0], t.curvature[0]], -1).cpu().numpy())
 
 
 class TargetEngine(ABC):

@@ -19,7 +19,8 @@ fp32); TensorRT 11 removed that flag (strong typing only), so there the graphs a
 mixed precision with NVIDIA ModelOpt's AutoCast when `modelopt` is installed, and built in fp32
 otherwise (with a warning). --fp32 builds fp32 engines with TF32 off: the parity configuration.
 
-NOT VERIFIED here: no machine of this project has TensorRT (DESIGN.md s.7).
+NOT VERIFIED here: TensorRT does not install on the development and CI machines, and the GPU
+machines available for checks have none either.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ import time
 from pathlib import Path
 
 from ..models.config import TargetConfig
-from ..speculative import DEFAULT_K
-from .export import ExportError, load_manifest
+from ..constants import DEFAULT_K
+from .manifest import ExportError, load_manifest
 from .trt_engine import ENGINES_MANIFEST, TRT_DIR, file_sha256, trt_logger, trt_unavailable_reason
 
 Shape = tuple[int, ...]

@@ -4,51 +4,18 @@
 
 Every graph is traced (TorchScript exporter, opset 17) from the existing torch modules through a
 thin wrapper that turns the stateful `KVCache` into explicit inputs and outputs; no layer is
-re-implemented. The one substitution: during export, scaled-dot-product attention is lowered to
-plain matmuls with grouped queries (`grouped_attention`, tested equal to SDPA) in the graphs with
-a dynamic token axis, and to ONNX Runtime's GroupQueryAttention over the cache buffer in the
-fixed-size ones (`_InPlaceCacheAttention`).
+re-implemented. The one substitution: while a model instance is traced, its attention layers
+attend (`attention_in`) with plain matmuls with grouped queries (`grouped_attention`, tested
+equal to SDPA) in the graphs with a dynamic token axis, and with ONNX Runtime's
+GroupQueryAttention over the cache buffer in the fixed-size ones (`_InPlaceCacheAttention`).
 
-    MODELS/onnx/target_vision.onnx   images uint8 [N, H, W, 3] -> image_embeds [N, tokens_per_image, D]
-    MODELS/onnx/target_decoder.onnx  inputs_embeds [1, T, D], positions [3, T] (M-RoPE), past_length [1],
-                                     logit_index [N], past_key_i / past_value_i [1, kv_heads, S, head_dim]
-                                     -> logits [1, N, V], hidden_<layer> [1, T, D] (the draft's feature layers),
-                                        new_key_i / new_value_i [1, kv_heads, T, head_dim]
-    MODELS/onnx/target_expert.onnx   actions [1, H, 2], flow_time [1], valid_length [1], rope_delta [1],
-                                     past_key_i / past_value_i -> velocity [1, H, 2]
-    MODELS/onnx/draft_step.onnx      token_ids [1, T], features [1, T, D], positions [3, T], past_length [1],
-                                     past_key_0 / past_value_0 -> hidden [1, 1, D] (last), logits [1, V], new_key_0 / new_value_0
-    MODELS/onnx/draft_fuse.onnx      feature_j [1, T, D] per fused target layer -> fused [1, T, D]
-    MODELS/onnx/target_decoder_t1.onnx, target_decoder_t17.onnx, draft_step_t1.onnx
-                                     the same step graphs with T fixed (decode, k + 1 verify, chain
-                                     step), for ONNX Runtime's CPU provider (see `export_target`):
-                                     they write the T new keys/values into the buffer themselves and
-                                     return it as present_key_i / present_value_i (bound to the same
-                                     memory as past_key_i / past_value_i)
-    MODELS/onnx/target_embed.npy     the token embedding table (see below)
-    MODELS/onnx/manifest.json        shapes, feature layers, opset, fingerprints of the source weights
-
-The cache contract, and its cost. A graph that reads a cache takes the engine's *whole*
-preallocated buffer (S slots per layer) plus the number of valid slots; the T new keys/values
-go to [valid, valid + T) (by the engine from the new_* outputs, or by the in-place graph), and
-a rollback just lowers the valid count. New token i attends to slots < past_length and to new
-tokens 0..i. Why: a decode or verify step has the same shapes all request long, so TensorRT
-profiles are exact and CUDA graphs can be captured, and the host never slices or copies the
-cache. Cost, in the plain-ops graphs: attention, and the concatenation of cache and new keys
-inside the graph, cover all S slots rather than the valid prefix; the masked tail is wasted
-work (not an error). The planner sizes S to prompt + 64 + k + 4, so the waste is the
-not-yet-generated part of the CoC (about 25% of the keys at the first CoC token, none at the
-last). GroupQueryAttention reads the valid prefix only.
-
-The engine, not the graph, looks up token embeddings and splices the image embeddings over
-the `<|image_pad|>` positions (a gather and a masked copy): one decoder graph then serves
-prefill (with images) and decode/verify (text only), with no data-dependent shapes inside.
+The files, their inputs and outputs and the cache contract they follow are the export format,
+described in manifest.py.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import sys
@@ -58,45 +25,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.decoder import Decoder
+from ..constants import DEFAULT_K
+from ..models.decoder import Attention, AttentionFunction, Decoder
 from ..models.draft import DraftConfig, EagleDraft
 from ..models.expert import TrajectoryExpert
 from ..models.target import TargetVLA
-from ..speculative import DEFAULT_K
+from ..models.vision import VisionBlock
+from .manifest import (EMBED_TABLE, FORMAT_VERSION, KV_APPEND, KV_IN_PLACE, MANIFEST, ONNX_DIR, fingerprint,
+                       fixed_name, hidden_name, new_kv_names, past_names, present_names)
 
-FORMAT_VERSION = 3  # 2: draft_step returns the last position's hidden state only; 3: in-place fixed-size steps
 OPSET = 17  # LayerNormalization as one op; supported by ONNX Runtime and TensorRT 10/11
-ONNX_DIR = "onnx"
-MANIFEST = "manifest.json"
-EMBED_TABLE = "target_embed.npy"
-GRAPHS = ("target_vision", "target_decoder", "target_expert", "draft_step", "draft_fuse")
-
-
-class ExportError(RuntimeError):
-    """The exported graphs cannot be used as they are (missing, or made from other weights)."""
-
-
-class StaleExportError(ExportError):
-    """The graphs were exported from different weights than the ones in the models directory."""
-
-
-def past_names(num_layers: int) -> list[str]:
-    return [f"past_key_{i}" for i in range(num_layers)] + [f"past_value_{i}" for i in range(num_layers)]
-
-
-def new_kv_names(num_layers: int) -> list[str]:
-    return [f"new_key_{i}" for i in range(num_layers)] + [f"new_value_{i}" for i in range(num_layers)]
-
-
-def present_names(num_layers: int) -> list[str]:
-    return [f"present_key_{i}" for i in range(num_layers)] + [f"present_value_{i}" for i in range(num_layers)]
-
-
-def hidden_name(layer: int) -> str:
-    return f"hidden_{layer}"
 
 
 # --- wrappers: the torch modules with the cache as explicit tensors ------------------------------
@@ -196,15 +136,21 @@ class _InPlaceCacheAttention:
         self.presents.append((present_k, present_v))
         return y
 
-    @contextlib.contextmanager
-    def active(self) -> Iterator["_InPlaceCacheAttention"]:
-        """While tracing one step: every `F.scaled_dot_product_attention` call is `attention`."""
-        outer = F.scaled_dot_product_attention
-        F.scaled_dot_product_attention = self.attention
-        try:
-            yield self
-        finally:
-            F.scaled_dot_product_attention = outer
+
+@contextlib.contextmanager
+def attention_in(model: nn.Module, attention: AttentionFunction) -> Iterator[None]:
+    """While tracing: every attention layer of this model instance (decoder, expert, draft and
+    vision layers alike) attends with `attention`; each gets its own function back afterwards.
+    Other instances, and the rest of the process, keep SDPA."""
+    layers = [m for m in model.modules() if isinstance(m, (Attention, VisionBlock))]
+    own = [layer.attention for layer in layers]
+    for layer in layers:
+        layer.attention = attention
+    try:
+        yield
+    finally:
+        for layer, function in zip(layers, own):
+            layer.attention = function
 
 
 class _BufferView:
@@ -234,9 +180,10 @@ class VisionStep(nn.Module):
         return self.vision(images.float().permute(0, 3, 1, 2) / 255.0)
 
 
-def _cache_attention(in_place: bool, past: Sequence[Tensor], past_length: Tensor, num_new: int):
-    """How a step graph's layers attend over the cache: (the context to run them in, the KV hook
-    of layer i, the mask, the list that collects each layer's (key, value) graph outputs).
+def _cache_attention(in_place: bool, model: nn.Module, past: Sequence[Tensor], past_length: Tensor, num_new: int):
+    """How the layers of a step graph's `model` attend over the cache: (the context to run them
+    in, the KV hook of layer i, the mask, the list that collects each layer's (key, value) graph
+    outputs).
 
     Appending (`in_place=False`): plain-ops attention over [buffer ; new] under `cache_mask`; the
     outputs are the new tokens' keys/values, which the engine copies into its cache. In place:
@@ -245,7 +192,8 @@ def _cache_attention(in_place: bool, past: Sequence[Tensor], past_length: Tensor
     n = len(past) // 2
     if in_place:
         attention = _InPlaceCacheAttention(past_length)
-        return attention.active(), lambda i: attention.hook(past[i], past[n + i]), None, attention.presents
+        context = attention_in(model, attention.attention)
+        return context, lambda i: attention.hook(past[i], past[n + i]), None, attention.presents
     new: list[tuple[Tensor, Tensor]] = []
     mask = cache_mask(past_length, num_new, past[0].shape[2])
     return contextlib.nullcontext(), lambda i: _attend_over_buffer(past[i], past[n + i], new), mask, new
@@ -264,7 +212,7 @@ class DecoderStep(nn.Module):
     def forward(self, inputs_embeds: Tensor, positions: Tensor, past_length: Tensor, logit_index: Tensor,
                 *past: Tensor) -> tuple[Tensor, ...]:
         cos, sin = self.decoder.rotary_emb(positions[:, None])
-        context, hook, mask, kv = _cache_attention(self.in_place, past, past_length, inputs_embeds.shape[1])
+        context, hook, mask, kv = _cache_attention(self.in_place, self.decoder, past, past_length, inputs_embeds.shape[1])
         saved: dict[int, Tensor] = {}
         x = inputs_embeds
         with context:
@@ -303,7 +251,8 @@ class DraftStep(nn.Module):
 
     def forward(self, token_ids: Tensor, features: Tensor, positions: Tensor, past_length: Tensor,
                 past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        context, hook, mask, kv = _cache_attention(self.in_place, [past_key, past_value], past_length, token_ids.shape[1])
+        context, hook, mask, kv = _cache_attention(self.in_place, self.draft, [past_key, past_value], past_length,
+                                                   token_ids.shape[1])
         with context:
             hidden = self.draft(token_ids, features, positions[:, None], kv_hook=hook(0), mask=mask, last_only=True)
         logits = self.draft.proposal_logits(hidden[:, -1])
@@ -346,22 +295,11 @@ def grouped_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None 
     return torch.matmul(probs, v).reshape(b, heads, t, d)
 
 
-@contextlib.contextmanager
-def _attention_for_export() -> Iterator[None]:
-    """While exporting only, every `F.scaled_dot_product_attention` call is `grouped_attention`."""
-    original = F.scaled_dot_product_attention
-    F.scaled_dot_product_attention = grouped_attention
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-
-
 def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
             dynamic: dict[str, dict[int, str]], opset: int) -> None:
     import onnx
 
-    with torch.no_grad(), _attention_for_export(), warnings.catch_warnings():
+    with torch.no_grad(), attention_in(module, grouped_attention), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape arithmetic and the legacy exporter
         torch.onnx.export(module.eval(), args, str(path), input_names=inputs, output_names=outputs,
                           dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
@@ -382,17 +320,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
     onnx.save(model, str(path))
 
 
-# --- fingerprints and manifest --------------------------------------------------------------------
-
-def fingerprint(directory: str | Path) -> str:
-    """sha256 over config.json and model.safetensors: any change of the weights changes it."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with open(Path(directory) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
+# --- manifest entries -----------------------------------------------------------------------------
 
 def _graph_io(path: Path) -> dict:
     import onnx
@@ -410,11 +338,6 @@ def _graph_io(path: Path) -> dict:
             "outputs": {v.name: {"shape": dims(v), "dtype": elem(v)} for v in model.graph.output}}
 
 
-def fixed_name(graph: str, tokens: int) -> str:
-    """The fixed-token variant of a step graph, e.g. target_decoder_t17 for a k = 16 verify."""
-    return f"{graph}_t{tokens}"
-
-
 def _step_variants(fixed_tokens: Sequence[int]) -> list[int | None]:
     """None = the graph with a dynamic token axis, then one fixed-size graph per entry."""
     return [None, *sorted(set(fixed_tokens))]
@@ -426,9 +349,8 @@ def _present_axes(in_place: bool, num_layers: int) -> dict[str, dict[int, str]]:
 
 def _step_entry(path: Path, fixed: int | None, in_place: bool) -> dict:
     """Manifest entry of a step graph: its I/O, its token count (None: dynamic) and how it
-    updates the cache: `in_place` (present_* outputs are the past_* buffers, written by the graph)
-    or `append` (new_* outputs, copied into the cache by the engine)."""
-    return {**_graph_io(path), "tokens": fixed, "kv_update": "in_place" if in_place else "append"}
+    updates the cache (manifest.KV_IN_PLACE or KV_APPEND)."""
+    return {**_graph_io(path), "tokens": fixed, "kv_update": KV_IN_PLACE if in_place else KV_APPEND}
 
 
 def export_target(model: TargetVLA, out: Path, feature_layers: Sequence[int], opset: int = OPSET,
@@ -561,44 +483,6 @@ def export_models(models: str | Path, draft_dir: str | Path | None = None, out: 
         "graphs": graphs,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
-def load_manifest(models: str | Path, draft_dir: str | Path | None = None, onnx_dir: str | Path | None = None) -> dict:
-    """The manifest of MODELS/onnx, checked against the weights it claims to come from.
-
-    Raises ExportError when the export is missing or incomplete, and StaleExportError when the
-    target (or the draft in `draft_dir`) changed since the export, with the command that fixes it.
-    """
-    models = Path(models)
-    onnx_dir = Path(onnx_dir) if onnx_dir is not None else models / ONNX_DIR
-    command = f"chain-spec-export --models {models}" + (f" --draft {draft_dir}" if draft_dir else "")
-    path = onnx_dir / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"no ONNX export at {onnx_dir} (missing {MANIFEST}); run: {command}")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_VERSION:
-        raise StaleExportError(f"{path} has export format {manifest.get('format')}, this code reads "
-                               f"{FORMAT_VERSION}; re-run: {command}")
-    current = fingerprint(models / "target")
-    if manifest["target"]["fingerprint"] != current:
-        raise StaleExportError(
-            f"stale ONNX export: {onnx_dir} was exported from target weights {manifest['target']['fingerprint'][:12]}, "
-            f"but {models / 'target'} now holds {current[:12]}; re-run: {command}")
-    if draft_dir is not None:
-        if manifest["draft"] is None:
-            raise ExportError(f"the ONNX export at {onnx_dir} has no draft graphs; run: {command}")
-        current = fingerprint(draft_dir)
-        if manifest["draft"]["fingerprint"] != current:
-            raise StaleExportError(
-                f"stale ONNX export: the draft graphs in {onnx_dir} come from draft weights "
-                f"{manifest['draft']['fingerprint'][:12]} ({manifest['draft']['source']}), but {draft_dir} holds "
-                f"{current[:12]}; re-run: {command}")
-    wanted = [g for g in {*GRAPHS, *manifest["graphs"]} if draft_dir is not None or not g.startswith("draft")]
-    missing = [g for g in wanted if not (onnx_dir / manifest["graphs"].get(g, {}).get("file", f"{g}.onnx")).is_file()]
-    if missing or not (onnx_dir / EMBED_TABLE).is_file():
-        raise ExportError(f"incomplete ONNX export at {onnx_dir} (missing {missing or [EMBED_TABLE]}); run: {command}")
-    manifest["dir"] = str(onnx_dir)
     return manifest
 
 

@@ -53,9 +53,8 @@ class TorchTargetEngine(TargetEngine):
     @torch.inference_mode()
     def trajectory(self, rope_delta: int, speed: float, steps: int | None, seed: int) -> TrajectoryOut:
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.model.trajectory(self.cache, rope_delta, float(speed), steps, generator)
-        return TrajectoryOut(torch.stack([out.x[0], out.y[0]], -1).cpu().numpy(),
-                             torch.stack([out.accel[0], out.curvature[0]], -1).cpu().numpy())
+        trajectory = self.model.trajectory(self.cache, rope_delta, float(speed), steps, generator)
+        return TrajectoryOut.from_trajectory(trajectory)
 
 
 class TorchDraftEngine(DraftEngine):

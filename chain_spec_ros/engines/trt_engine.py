@@ -10,12 +10,12 @@ once, then captured as a CUDA graph together with the embedding gather and the K
 around it, and replayed from then on: one launch per decoding step.
 
 The engine logic (buffers, KV cache, rollback, the Euler loop) is `GraphTargetEngine` /
-`GraphDraftEngine` of ort_engine.py; only the runner and the launch differ.
+`GraphDraftEngine` of graph_engine.py; only the runner and the launch differ.
 
-NOT VERIFIED in this project: TensorRT does not install on the development and CI machines and
-the GPU machines available for checks have no TensorRT either (DESIGN.md s.7). This module is
-written against the TensorRT 10 Python API (also 11, whose build path differs only in fp16, see
-build.py); `import tensorrt` happens lazily, and its tests skip with the reason.
+NOT VERIFIED in this project: TensorRT does not install on the development and CI machines, and
+the GPU machines available for checks have none either. This module is written against the
+TensorRT 10 Python API (also 11, whose build path differs only in fp16, see build.py);
+`import tensorrt` happens lazily, and its tests skip with the reason.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from torch import Tensor
 
 from ..models.config import TargetConfig
 from ..models.draft import DraftConfig
-from .export import ExportError, load_manifest
-from .ort_engine import Call, GraphDraftEngine, GraphTargetEngine
+from .graph_engine import Call, GraphDraftEngine, GraphTargetEngine, load_configs
+from .manifest import ExportError, load_manifest
 
 TRT_DIR = "trt"
 ENGINES_MANIFEST = "engines.json"
@@ -248,9 +248,7 @@ def load_trt_engines(models: str | Path, draft_dir: str | Path | None = None
     def graphs(*names: str) -> dict[str, TrtGraph]:
         return {name: TrtGraph(Path(built["dir"]) / built["graphs"][name]["engine"], stream) for name in names}
 
-    config = TargetConfig.load(models / "target" / "config.json")
-    draft_config = DraftConfig.load(Path(draft_dir) / "config.json") if draft_dir is not None else None
-    layers = list(draft_config.feature_layers) if draft_config is not None else []
+    config, draft_config, layers = load_configs(models, draft_dir)
     target = TrtTargetEngine(graphs("target_vision", "target_decoder", "target_expert"), manifest, config, layers, stream,
                              built["cache_len"])
     draft = None

@@ -1,8 +1,10 @@
 """Model hyper-parameters as plain dataclasses, saved next to the weights as config.json.
 
-Defaults are the small-but-faithful target of DESIGN.md s.3: a Qwen3-VL shaped decoder (GQA,
-q/k RMSNorm, interleaved M-RoPE), a ViT with a 2x2 patch merge, and a narrower action expert
-that shares the decoder's layer count and KV shape so it can read the decoder's KV cache.
+Defaults describe a small target with the structure of an Alpamayo-R1 style VLA
+(docs/ARCHITECTURE.md, 'The model'): a Qwen3-VL shaped decoder (GQA, q/k RMSNorm, interleaved
+M-RoPE), a ViT with a 2x2 patch merge, and a narrower action expert that shares the decoder's
+layer count and KV shape so it can read the decoder's KV cache. The bundled
+models/target/config.json overrides a few of them (8 decoder layers, max_positions 512).
 """
 from __future__ import annotations
 

@@ -21,6 +21,10 @@ from .rope import RotaryEmbedding, rotate
 
 # Given this forward's rotated keys/values [B, kv_heads, T, head_dim], return what to attend over.
 KVHook = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# What an attention layer attends with: F.scaled_dot_product_attention's arguments and maths. The
+# layers hold it as their `attention`, so the ONNX exporter can trace one model instance with an
+# exportable implementation (engines/export.py) while every other model keeps SDPA.
+AttentionFunction = Callable[..., Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -49,6 +53,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
+        self.attention: AttentionFunction = F.scaled_dot_product_attention
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, last_query_only: bool = False
                 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,7 +76,7 @@ class Attention(nn.Module):
             k, v = kv_hook(k, v)
         if last_only:
             mask = None if mask is None else mask[..., -1:, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        y = self.attention(q, k, v, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(x.shape[0], q.shape[2], -1))
 
 

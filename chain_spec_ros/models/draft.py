@@ -5,9 +5,9 @@ token i+2. For indices the target has processed, the features are a linear fusio
 target's hidden states from a low, a middle and a high layer; while drafting a chain beyond
 them, the draft feeds its own previous hidden state instead. The embedding table and LM head
 are the target's, shared and frozen, so the draft owns only a fusion layer, an input
-projection and one decoder layer (DESIGN.md s.4).
+projection and one decoder layer (docs/ARCHITECTURE.md, 'The model').
 
-Positions are the paper's switch (DESIGN.md s.1):
+`position_mode` chooses the draft's positions (docs/ARCHITECTURE.md, 'Positions'):
 - `flat` (FlatRoPE): index i is at 1-D position i over the whole sequence, images included, so
   the hundreds of image tokens sit far from the CoC and rotary decay favours the recent
   trajectory-history tokens;

@@ -10,12 +10,13 @@ steps from Gaussian noise at t=0 to data at t=1.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..trajectory import STEP_SECONDS
 from .config import DecoderConfig, ExpertConfig
 from .decoder import DecoderLayer, KVHook, RMSNorm
 from .kv_cache import KVCache
@@ -44,6 +45,14 @@ class ActionNormalizer(nn.Module):
         super().__init__()
         self.register_buffer("mean", torch.zeros(action_dim))
         self.register_buffer("std", torch.ones(action_dim))
+
+    @classmethod
+    def from_stats(cls, mean, std) -> "ActionNormalizer":
+        """A normalizer holding these per-channel statistics (e.g. those an export recorded)."""
+        normalizer = cls(len(mean))
+        normalizer.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        normalizer.std.copy_(torch.as_tensor(std, dtype=torch.float32))
+        return normalizer
 
     @torch.no_grad()
     def fit(self, actions: Tensor) -> None:
@@ -126,15 +135,22 @@ class TrajectoryExpert(nn.Module):
 
         `noise` [B, H, dim] fixes the starting point (e.g. the same noise for every row, so rows
         differ only through what they read from the cache)."""
-        steps = steps or self.cfg.euler_steps
         B = batch_size or cache.batch_size
         dev = self.action_in.weight.device
         x = noise.to(dev) if noise is not None else torch.randn(
             B, self.cfg.horizon, self.cfg.action_dim, generator=generator, device=dev)
-        for i in range(steps):
-            t = torch.full((x.shape[0],), i / steps, device=dev)
-            x = x + self(x, t, cache, rope_delta) / steps
-        return x
+        return integrate_flow(lambda x, t: self(x, torch.full((x.shape[0],), t, device=dev), cache, rope_delta), x,
+                              steps or self.cfg.euler_steps)
+
+
+def integrate_flow(velocity: Callable[[Tensor, float], Tensor], noise: Tensor, steps: int) -> Tensor:
+    """Euler integration of a rectified flow from noise at t = 0 to data at t = 1:
+    x += velocity(x, i / steps) / steps for i < steps. `velocity` is the expert, in torch or as
+    an exported graph."""
+    x = noise
+    for i in range(steps):
+        x = x + velocity(x, i / steps) / steps
+    return x
 
 
 class Trajectory(NamedTuple):
@@ -146,7 +162,7 @@ class Trajectory(NamedTuple):
     speed: Tensor  # [..., H] m/s
 
 
-def integrate_unicycle(accel: Tensor, curvature: Tensor, v0: Tensor | float, dt: float = 0.1
+def integrate_unicycle(accel: Tensor, curvature: Tensor, v0: Tensor | float, dt: float = STEP_SECONDS
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Roll a unicycle forward from the origin (heading 0, x forward, y left) at speed v0.
 
@@ -171,3 +187,10 @@ def integrate_unicycle(accel: Tensor, curvature: Tensor, v0: Tensor | float, dt:
         out.append((x, y, yaw, speed))
     xs, ys, yaws, speeds = (torch.stack(seq, dim=-1) for seq in zip(*out))
     return xs, ys, yaws, speeds
+
+
+def trajectory_from_actions(actions: Tensor, v0: Tensor | float, dt: float = STEP_SECONDS) -> Trajectory:
+    """The expert's denormalised actions [..., H, 2] (acceleration, curvature), driven by the
+    unicycle from speed v0 (scalar or [...])."""
+    accel, curvature = actions[..., 0], actions[..., 1]
+    return Trajectory(accel, curvature, *integrate_unicycle(accel, curvature, v0, dt))

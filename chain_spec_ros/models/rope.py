@@ -4,7 +4,9 @@ The target gives every token a (temporal, height, width) position triple. Text t
 (p, p, p), so on pure text M-RoPE reduces to ordinary RoPE. An image block of t x rows x cols
 merged tokens gets (t_idx, row, col) + offset, so hundreds of image tokens share a handful of
 position values and the text after the block resumes only max(rows, cols) past the offset.
-The draft instead uses FlatRoPE, plain positions 0..L-1 over the same sequence (DESIGN.md s.1).
+The draft instead uses FlatRoPE, plain positions 0..L-1 over the same sequence (all three axes
+equal, so this module's tables reduce to 1-D RoPE): the image blocks then sit far from the CoC
+(docs/ARCHITECTURE.md, 'Positions').
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """TargetVLA: vision encoder + Qwen3-VL text decoder + flow-matching trajectory expert.
 
-The API follows the stages a planner runs (DESIGN.md s.2 timing table): encode images, prefill
-the prompt with 3-D M-RoPE positions, decode (one token, or k+1 tokens in a speculative verify
-pass) with text positions cache.length + rope_delta, then sample the trajectory from the cache.
+The API follows the stages a planner runs: encode images, prefill the prompt with 3-D M-RoPE
+positions, decode (one token, or k+1 tokens in a speculative verify pass) with text positions
+cache.length + rope_delta, then sample the trajectory from the cache.
 """
 from __future__ import annotations
 
@@ -13,12 +13,29 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ..trajectory import STEP_SECONDS
 from .config import TargetConfig
 from .decoder import Decoder
-from .expert import Trajectory, TrajectoryExpert, integrate_unicycle
+from .expert import Trajectory, TrajectoryExpert, trajectory_from_actions
 from .kv_cache import KVCache
 from .rope import text_position_ids
 from .vision import VisionEncoder
+
+
+def splice_image_embeds(embeds: Tensor, is_pad: Tensor, image_embeds: Tensor | None) -> Tensor:
+    """Overwrite the `<|image_pad|>` rows of embeds [..., T, D] (is_pad [..., T]) in place, in
+    order, with the image tokens (images of sample 0 first); returns embeds. In place, so the
+    graph engines splice straight into the decoder input buffer they bound once."""
+    count = int(is_pad.sum())
+    if image_embeds is None:
+        if count:
+            raise ValueError("prompt has image pads but no image embeddings were given")
+        return embeds
+    flat = image_embeds.reshape(-1, embeds.shape[-1])
+    if count != flat.shape[0]:
+        raise ValueError(f"{count} image pad tokens but {flat.shape[0]} image embeddings")
+    embeds[is_pad] = flat.to(device=embeds.device, dtype=embeds.dtype)
+    return embeds
 
 
 class TargetVLA(nn.Module):
@@ -53,16 +70,7 @@ class TargetVLA(nn.Module):
         first. The pad count must equal the number of image tokens.
         """
         pad = self.cfg.image_pad_id if image_pad_id is None else image_pad_id
-        embeds = self.decoder.embed(input_ids)
-        mask = input_ids == pad
-        n = int(mask.sum())
-        if image_embeds is None:
-            assert n == 0, "prompt has image pads but no image embeddings were given"
-            return embeds
-        image_embeds = image_embeds.reshape(-1, embeds.shape[-1]).to(embeds.dtype)
-        if n != image_embeds.shape[0]:
-            raise ValueError(f"{n} image pad tokens but {image_embeds.shape[0]} image embeddings")
-        return embeds.masked_scatter(mask[..., None], image_embeds)
+        return splice_image_embeds(self.decoder.embed(input_ids), input_ids == pad, image_embeds)
 
     def prefill(self, input_ids: Tensor, image_embeds: Tensor | None, position_ids: Tensor,
                 cache: KVCache, return_hidden_layers: Sequence[int] = (),
@@ -88,14 +96,12 @@ class TargetVLA(nn.Module):
     @torch.no_grad()
     def trajectory(self, cache: KVCache, rope_delta: int | Tensor, v0: Tensor | float,
                    steps: int | None = None, generator: torch.Generator | None = None,
-                   dt: float = 0.1, noise: Tensor | None = None) -> Trajectory:
+                   dt: float = STEP_SECONDS, noise: Tensor | None = None) -> Trajectory:
         """Sample (accel, curvature) from the expert given the cache (prompt + CoC), denormalise,
         and integrate from current speed v0 [B] or scalar."""
         actions = self.expert.normalizer.denormalize(
             self.expert.sample(cache, rope_delta, steps, generator, noise=noise))
-        accel, curvature = actions[..., 0], actions[..., 1]
-        x, y, yaw, speed = integrate_unicycle(accel, curvature, v0, dt)
-        return Trajectory(accel, curvature, x, y, yaw, speed)
+        return trajectory_from_actions(actions, v0, dt)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

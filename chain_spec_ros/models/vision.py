@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VisionConfig
+from .decoder import AttentionFunction
 
 
 def to_float_image(images: Tensor) -> Tensor:
@@ -35,11 +36,12 @@ class VisionBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, intermediate), nn.GELU(),
                                  nn.Linear(intermediate, dim))
+        self.attention: AttentionFunction = F.scaled_dot_product_attention
 
     def forward(self, x: Tensor) -> Tensor:
         N, T, D = x.shape
         q, k, v = self.qkv(self.norm1(x)).view(N, T, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = self.attention(q, k, v)
         x = x + self.proj(y.transpose(1, 2).reshape(N, T, D))
         return x + self.mlp(self.norm2(x))
 

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..constants import BACKENDS
 from ..paths import default_models_dir
-from ..node_config import BACKENDS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/ros_demo"))
     parser.add_argument("--rate", type=float, default=1.0, help="replay rate")
     parser.add_argument("--plan-rate", type=float, default=2.0, help="planning rate of the node (Hz, bag time)")
-    parser.add_argument("--backend", choices=BACKENDS, default="torch",
-                        help="the node's engines (onnxruntime needs MODELS/onnx: chain-spec-export)")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="the node's engines (auto: the fastest available, as the node's default)")
     args = parser.parse_args(argv)
 
     from .fixtures import NodeProcess, write_tiny_models

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..paths import default_tokenizer_path
@@ -40,6 +41,33 @@ def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | No
     return out
 
 
+def poison_target_weights(models: str | Path) -> Path:
+    """Overwrite one weight tensor of MODELS/target with NaN: a corrupt checkpoint that still
+    loads (for the start-up self-test's tests)."""
+    from safetensors.torch import load_file, save_file
+
+    path = Path(models) / "target" / "model.safetensors"
+    weights = load_file(path)
+    name = next(n for n in sorted(weights) if "lm_head" in n or "embed_tokens" in n)
+    weights[name][:] = float("nan")
+    save_file(weights, path)
+    return Path(models)
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A tiny, valid-looking JPEG whose frame header claims width x height pixels: the shape of a
+    decompression bomb, for the input guards' tests and the soak benchmark's fault cases."""
+    import cv2
+    import numpy as np
+
+    data = bytearray(cv2.imencode(".jpg", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+    i = 2
+    while data[i + 1] not in (0xC0, 0xC1, 0xC2):  # the start-of-frame marker
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    data[i + 5:i + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def ros_env(domain_id: int | None = None, **extra: str) -> dict[str, str]:
     """os.environ for a child ROS process on its own DDS domain, discovery on this host only."""
     env = dict(os.environ)
@@ -49,6 +77,31 @@ def ros_env(domain_id: int | None = None, **extra: str) -> dict[str, str]:
                RCUTILS_COLORIZED_OUTPUT="0")
     env.update(extra)
     return env
+
+
+@contextmanager
+def spinning_node(domain_id: int, name: str):
+    """A helper node on its own context and DDS domain, spun by a background executor; torn down
+    on exit. For tests and benchmarks that publish to or listen to chain_spec_node."""
+    import threading
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id)
+    node = rclpy.create_node(name, context=context)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        yield node
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        spinner.join(2.0)
 
 
 class NodeProcess:

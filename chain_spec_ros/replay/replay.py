@@ -23,12 +23,13 @@ import threading
 import time
 from pathlib import Path
 
+from ..constants import NS
+
 CLOCK_TOPIC, CLOCK_TYPE = "/clock", "rosgraph_msgs/msg/Clock"
 NODE_OUTPUTS = {"coc": "std_msgs/msg/String", "trajectory": "nav_msgs/msg/Path",
                 "markers": "visualization_msgs/msg/MarkerArray", "plan_info": "std_msgs/msg/String"}
 DIAGNOSTICS = ("/diagnostics", "diagnostic_msgs/msg/DiagnosticArray")
 SOURCE_KEY = "chain_spec.source_bag"
-NS = 1_000_000_000
 
 
 def default_record_topics(node: str = "chain_spec_node") -> dict[str, str]:

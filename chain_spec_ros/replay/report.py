@@ -25,11 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import NS, PERCENTILES
+from ..metrics import displacement_errors
 from ..trajectory import FUTURE_STEPS, STEP_SECONDS, to_local_frame
 
-NS = 1_000_000_000
-HORIZONS_S = (1.0, 2.0, 3.0, 6.4)
-PERCENTILES = (50, 95, 99)
 DRAFT_COLOUR, TARGET_COLOUR = "#1f77b4", "#d62728"
 
 
@@ -120,16 +119,6 @@ def future_in_t0_frame(odometry: np.ndarray, t0: float, steps: int = FUTURE_STEP
     return local, float(np.interp(t0, t, odometry[:, 4]))
 
 
-def displacement(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    errors = np.linalg.norm(predicted - truth, axis=-1)
-    out = {}
-    for horizon in HORIZONS_S:
-        n = min(int(round(horizon / STEP_SECONDS)), len(errors))
-        out[f"ade_{horizon:g}s"] = float(errors[:n].mean())
-        out[f"fde_{horizon:g}s"] = float(errors[n - 1])
-    return out
-
-
 def _diagnostic_values(diagnostics) -> dict[str, str]:
     """The values of the newest diagnostics message, all statuses merged."""
     if not diagnostics:
@@ -184,9 +173,9 @@ def build_report(out: Path, bag: Path | None = None, odom_topic: str = "/odom") 
         truth, speed = future_in_t0_frame(drive["odometry"], t0_ns / NS)
         if truth is None:
             continue
-        rows.append(displacement(plan["trajectory"], truth))
+        rows.append(displacement_errors(plan["trajectory"], truth))
         straight = np.stack([speed * STEP_SECONDS * np.arange(1, FUTURE_STEPS + 1), np.zeros(FUTURE_STEPS)], 1)
-        baseline.append(displacement(straight, truth))
+        baseline.append(displacement_errors(straight, truth))
 
     def mean(dicts):
         return {k: float(np.mean([d[k] for d in dicts])) for k in dicts[0]} if dicts else None
@@ -194,13 +183,20 @@ def build_report(out: Path, bag: Path | None = None, odom_topic: str = "/odom") 
     diag = _diagnostic_values(outputs["diagnostics"])
     ticks = {k: int(diag[k]) for k in ("ticks", "dropped_ticks", "skipped_ticks", "plans", "errors") if k in diag}
     stamps = sorted(plans)
+    span_s = (stamps[-1] - stamps[0]) / NS if len(stamps) > 1 else 0.0
+    plan_rate = None
+    if "plan_rate_hz" in diag and span_s > 0:
+        configured, achieved = float(diag["plan_rate_hz"]), (len(stamps) - 1) / span_s
+        plan_rate = {"configured_hz": configured, "achieved_hz": achieved, "share_of_configured": achieved / configured,
+                     "planning_p50_ms": latency.get("planning", {}).get("p50")}
     report = {
         "outputs": str(out), "bag": str(bag),
         "plans": len(plans),
         "plans_with_trajectory": sum("trajectory" in p for p in plans.values()),
         "plans_with_coc": sum(bool(p.get("coc") is not None) for p in plans.values()),
         "frames_base_link": frames_ok,
-        "t0_span_s": (stamps[-1] - stamps[0]) / NS if len(stamps) > 1 else 0.0,
+        "t0_span_s": span_s,
+        "plan_rate": plan_rate,
         "diagnostics_messages": len(outputs["diagnostics"]),
         "ticks": ticks,
         "backend": infos[-1].get("backend") if infos else None,
@@ -222,6 +218,11 @@ def summary_lines(report: dict) -> list[str]:
         t = report["ticks"]
         lines.append(f"ticks: {t.get('ticks', '?')} (dropped {t.get('dropped_ticks', '?')}, "
                      f"skipped {t.get('skipped_ticks', '?')}, errors {t.get('errors', '?')})")
+    if report.get("plan_rate"):
+        r = report["plan_rate"]
+        planning = "" if r["planning_p50_ms"] is None else f", planning p50 {r['planning_p50_ms']:.0f} ms"
+        lines.append(f"plan rate: {r['achieved_hz']:.2f} Hz of {r['configured_hz']:g} Hz configured "
+                     f"({100 * r['share_of_configured']:.0f}%, bag time){planning}")
     for stage, stats in report["latency_ms"].items():
         lines.append(f"latency {stage:>17}: p50 {stats['p50']:8.2f}  p95 {stats['p95']:8.2f}  "
                      f"p99 {stats['p99']:8.2f} ms")

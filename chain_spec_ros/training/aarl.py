@@ -1,4 +1,4 @@
-"""AARL: action-aware RL post-training of the draft (DESIGN.md s.1, as the authors' code does it).
+"""AARL: action-aware RL post-training of the draft (docs/ARCHITECTURE.md, 'Training').
 
 For each training scene, at CoC positions where the greedy draft disagrees with the target:
 sample K draft continuations (temperature 1.0) that replace 5 consecutive CoC tokens, re-run

@@ -1,5 +1,7 @@
-"""The target's own greedy CoCs, the draft's training data (the lesson of the failed peer in
-DESIGN.md s.2: train on what the target actually emits, with its special tokens).
+"""The target's own greedy CoCs, the draft's training data. The draft learns what the target
+actually emits, its special tokens (`<|cot_end|>`) included, not the dataset's reference
+sentences: greedy verification keeps a drafted token only where it equals the target's own choice
+(docs/ARCHITECTURE.md, 'Training').
 
 Prompts share one layout, so a batch prefills together and decodes in lock-step; rows that
 have emitted `<|cot_end|>` keep decoding harmlessly until every row has, and their extra
