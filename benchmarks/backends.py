@@ -50,7 +50,7 @@ STAGES = ("vision", "prefill", "decode", "verify", "draft_step", "expert")
 
 
 def make_random_models(directory: Path, hidden: int = 256, layers: int = 8, image_size=(48, 96)) -> Path:
-    """A random target + EAGLE draft at the bundled models' size (DESIGN.md s.8), for timing."""
+    """A random target + EAGLE draft at the bundled models' size (d 256, 8 layers), for timing."""
     if (directory / "target" / "model.safetensors").is_file():
         return directory
     torch.manual_seed(0)
