@@ -56,8 +56,9 @@ class ChainSpecNode(Node):
         vision = self.planner.target.config.vision
         self.width, self.height = vision.image_width, vision.image_height
         self.backend, self.backend_fallback = self.planner.target.backend, self.planner.target.fallback_reason or ""
-        if self.backend_fallback:
-            self.log.warning(f"backend {cfg.backend}: running on {self.backend} ({self.backend_fallback})")
+        if self.backend_fallback:  # auto's choice is information; a named backend replaced is a warning
+            (self.log.info if cfg.backend == "auto" else self.log.warning)(
+                f"backend {cfg.backend}: running on {self.backend} ({self.backend_fallback})")
         self.log.info(f"models from {self.models_dir} ({self.backend}, {self._decoding()}); images "
                       f"{self.width}x{self.height}; cameras {', '.join(cfg.cameras)}; self-test plan {warm_ms:.0f} ms")
         self.buffers = SensorBuffers(sensing_config(cfg, self.width, self.height))
@@ -263,15 +264,11 @@ class ChainSpecNode(Node):
         return self.worker.stop(timeout)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     # Our own SIGINT/SIGTERM handling: the main thread unwinds from wherever it is (loading the
     # models, spinning), so every phase exits promptly and cleanly.
     for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, _interrupt)
+        signal.signal(number, signal.default_int_handler)  # raises KeyboardInterrupt
     node, code = None, 0
     try:
         try:

@@ -79,7 +79,7 @@ class NodeConfig:
                                  runtime=True)
     camera_max_rate_hz: float = _param(20.0, "camera frames above this rate are dropped before decoding (0 = keep all)",
                                        low=0.0, high=10000.0, runtime=True)
-    odom_max_rate_hz: float = _param(50.0, "odometry above this rate is dropped before deserialisation (0 = keep all)",
+    odom_max_rate_hz: float = _param(100.0, "odometry above this rate is dropped before deserialisation (0 = keep all)",
                                      low=0.0, high=100000.0, runtime=True)
     max_image_bytes: int = _param(16 * 1024 * 1024, "largest accepted image message payload (bytes)",
                                   low=1024, high=2**31 - 1, runtime=True)
