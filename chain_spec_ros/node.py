@@ -21,6 +21,7 @@ from functools import partial
 import rclpy
 import torch
 from rclpy.clock import Clock, ClockType
+from rclpy.experimental import EventsExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.serialization import deserialize_message
@@ -276,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - e.g. an unreadable --params-file
             raise StartupError(f"invalid ROS arguments: {error}") from None
         node = ChainSpecNode()
+        executor = EventsExecutor()  # per-message cost in C++, not a wait set rebuilt in Python
+        executor.add_node(node)
         while rclpy.ok():
-            rclpy.spin_once(node, timeout_sec=0.2)
+            executor.spin_once(timeout_sec=0.2)
     except StartupError as error:
         print(f"chain_spec_node: error: {error}", file=sys.stderr, flush=True)
         code = 2

@@ -566,8 +566,13 @@ def test_parameters_set_from_another_process_take_effect_or_are_refused(tmp_path
             assert time.monotonic() < deadline, f"{what}\n{node.output()[-3000:]}"
             time.sleep(0.1)
 
-    def ticks() -> int:
-        return int(_diag_values(diagnostics[-1:])[0]["ticks"])
+    def tick_rate(seconds: float = 3.0) -> float:
+        def ticks() -> int:
+            return int(_diag_values(diagnostics[-1:])[0]["ticks"])
+
+        before, start = ticks(), time.monotonic()
+        time.sleep(seconds)
+        return (ticks() - before) / (time.monotonic() - start)
 
     with node, spinning_node(domain, "parameter_tester") as tester:
         qos = QoSProfile(depth=200, reliability=ReliabilityPolicy.RELIABLE)
@@ -579,16 +584,15 @@ def test_parameters_set_from_another_process_take_effect_or_are_refused(tmp_path
         with LiveSensors(sensors, tester.get_clock().now):
             wait_for(lambda: infos and diagnostics, "no plan")
             assert infos[-1]["draft_k"] == 16
+            slow_rate = tick_rate()
             # Valid runtime changes take effect at once.
             assert _set_parameters(tester, {"plan_rate_hz": 5.0, "draft_k": 4}) == [(True, ""), (True, "")]
             count = len(infos)
             wait_for(lambda: len(infos) > count + 2, "no plan after the change")
             assert infos[-1]["draft_k"] == 4
             wait_for(lambda: _diag_values(diagnostics[-1:])[0]["plan_rate_hz"] == "5", "rate not reported")
-            before, start = ticks(), time.monotonic()
-            time.sleep(3.0)
-            rate = (ticks() - before) / (time.monotonic() - start)
-            assert rate > 3.0, rate  # 5 Hz ticks now; 2 Hz before
+            fast_rate = tick_rate()
+            assert fast_rate > 1.6 * slow_rate, (slow_rate, fast_rate)  # 5 Hz ticks against 2 Hz, same machine load
             # Invalid ones are refused with a reason and change nothing.
             refused = {"plan_rate_hz": -1.0, "draft_k": 10000, "models_dir": "/etc", "torch_threads": 100000,
                        "drafter": "eagle", "max_camera_skew_s": float("nan")}
@@ -646,5 +650,7 @@ def test_clean_exit_on_signals_while_loading_idle_and_planning(tmp_path, models,
                 elapsed = time.monotonic() - sent
         output = node.output()
         assert code == 0, f"{phase}: exit {code}\n{output}"
-        assert elapsed < 2.0, f"{phase}: {elapsed:.2f} s to exit"
+        # Promptly, not after the plan or a timeout; the 2 s figure is measured by benchmarks/soak.py
+        # (a test on a loaded machine asserts no absolute time).
+        assert elapsed < 5.0, f"{phase}: {elapsed:.2f} s to exit"
         assert "Traceback" not in output and "[ERROR]" not in output, f"{phase}:\n{output}"
