@@ -28,6 +28,7 @@ import yaml
 
 from .constants import BACKENDS, DEFAULT_K
 from .sensing import SensingConfig
+from .trajectory import HISTORY_SECONDS
 
 NODE_NAME = "chain_spec_node"
 DRAFTERS = ("auto", "none", "eagle")
@@ -210,8 +211,8 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
         errors.append(f"camera_topics: {len(topics)} topic(s) for {len(cameras)} camera(s); give one per camera")
     if len(set(topics)) != len(topics):
         errors.append(f"camera_topics: topics must be unique, got {topics}")
-    if values["buffer_seconds"] < 1.6 + values["max_odom_staleness_s"]:
-        errors.append(f"buffer_seconds: {values['buffer_seconds']} s cannot hold 1.6 s of history plus "
+    if values["buffer_seconds"] < HISTORY_SECONDS + values["max_odom_staleness_s"]:
+        errors.append(f"buffer_seconds: {values['buffer_seconds']} s cannot hold {HISTORY_SECONDS:g} s of history plus "
                       f"max_odom_staleness_s ({values['max_odom_staleness_s']} s)")
     return errors
 

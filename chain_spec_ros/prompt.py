@@ -15,7 +15,7 @@ import torch
 
 from .models.rope import mrope_position_ids
 from .models.tokenizer import ChainTokenizer
-from .trajectory import future_bins
+from .trajectory import HISTORY_TOKENS, future_bins
 
 SYSTEM_TEXT = "<|im_start|>system\nYou are a driving planner: explain the decision, then drive.<|im_end|>\n<|im_start|>user\n"
 INSTRUCTION_TEXT = "Give the driving decision and its cause, then the trajectory.<|im_end|>\n<|im_start|>assistant\n"
@@ -74,8 +74,8 @@ class PromptBuilder:
         if images.ndim != 5 or images.shape[-1] != 3:
             raise ValueError(f"images must be [cameras, frames, H, W, 3], got {images.shape}")
         history_tokens = np.asarray(history_tokens)
-        if history_tokens.shape != (48,):
-            raise ValueError(f"expected 48 history tokens, got {history_tokens.shape}")
+        if history_tokens.shape != (HISTORY_TOKENS,):
+            raise ValueError(f"expected {HISTORY_TOKENS} history tokens, got {history_tokens.shape}")
         ids: list[int] = list(self._system)
         segments: list[tuple] = [("text", len(ids))]
         image_spans = []
@@ -87,7 +87,7 @@ class PromptBuilder:
             segments += [("text", 1), ("image", 1, *self.grid), ("text", 1)]
         tail_start = len(ids)
         ids.append(self.ids["<|traj_history_start|>"])
-        history_span = (len(ids), len(ids) + 48)
+        history_span = (len(ids), len(ids) + HISTORY_TOKENS)
         ids += self.tokenizer.bins_to_ids(history_tokens).tolist()
         ids.append(self.ids["<|traj_history_end|>"])
         ids += self._instruction

@@ -40,7 +40,7 @@ import numpy as np
 
 from .constants import NS
 from .scenarios.scene import NUM_FRAMES
-from .trajectory import HISTORY_STEPS, STEP_SECONDS, history_bins, to_local_frame
+from .trajectory import HISTORY_SECONDS, HISTORY_STEPS, STEP_SECONDS, history_bins, to_local_frame
 
 # Counter names (also the keys the node publishes on /diagnostics).
 IMAGES, ODOMETRY = "images", "odometry"  # accepted messages
@@ -297,10 +297,6 @@ class SensingConfig:
     max_reverse_speed_mps: float = 15.0  # and reversing faster than this
     max_abs_position_m: float = 1e8  # odometry position components beyond this are implausible
 
-    @property
-    def history_seconds(self) -> float:
-        return HISTORY_STEPS * STEP_SECONDS
-
 
 @dataclass
 class SensorFrame:
@@ -537,10 +533,10 @@ class SensorBuffers:
         odom_lag = -float(samples[-1, 0])
         if odom_lag > cfg.max_odom_staleness_s:
             return None, SkipReason("odometry_stale", f"odometry stale: newest is {odom_lag:.3f} s older than t0 (> {cfg.max_odom_staleness_s:g} s)")
-        history_start = -cfg.history_seconds
+        history_start = -HISTORY_SECONDS
         if samples[0, 0] > history_start + cfg.frame_tolerance_s:
             return None, SkipReason("odometry_coverage", f"odometry covers {-samples[0, 0]:.2f} s before t0, "
-                          f"the history needs {cfg.history_seconds:.1f} s")
+                          f"the history needs {HISTORY_SECONDS:.1f} s")
         inside = (samples[:, 0] >= history_start - cfg.max_odom_gap_s) & (samples[:, 0] <= 0.0)
         window = samples[:, 0][inside]
         if len(window) >= 2:

@@ -11,6 +11,8 @@ import numpy as np
 HISTORY_STEPS = 16
 FUTURE_STEPS = 64
 STEP_SECONDS = 0.1
+HISTORY_SECONDS = HISTORY_STEPS * STEP_SECONDS  # 1.6 s: 17 poses t0-1.6 s .. t0
+HISTORY_TOKENS = 3 * HISTORY_STEPS  # (dx, dy, dz) per step: 48
 NUM_BINS = 1000
 DELTA_RANGE = 4.0  # metres: bins cover [-4, 4) per axis
 ACCEL_RANGE = 8.0  # m/s^2, for the discrete future tokens of the language stage

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..constants import NS, PERCENTILES
 from ..metrics import displacement_errors
-from ..trajectory import FUTURE_STEPS, STEP_SECONDS, to_local_frame
+from ..trajectory import FUTURE_STEPS, HISTORY_SECONDS, HISTORY_STEPS, STEP_SECONDS, to_local_frame
 
 DRAFT_COLOUR, TARGET_COLOUR = "#1f77b4", "#d62728"
 
@@ -356,13 +356,13 @@ def draw_report(report: dict, outputs: dict, drive: dict, png: Path, index: int 
 
     history = None
     odometry = drive["odometry"]
-    times = t0_ns / NS - STEP_SECONDS * np.arange(16, -1, -1)
+    times = t0_ns / NS - STEP_SECONDS * np.arange(HISTORY_STEPS, -1, -1)
     if times[0] >= odometry[0, 0]:
         x, y = np.interp(times, odometry[:, 0], odometry[:, 1]), np.interp(times, odometry[:, 0], odometry[:, 2])
         yaw = np.interp(times[-1], odometry[:, 0], odometry[:, 3])
         history = to_local_frame(np.stack([x, y], 1), (x[-1], y[-1], yaw))
     if history is not None:
-        bev_ax.plot(-history[:, 1], history[:, 0], "k.-", ms=3, label="history (1.6 s)")
+        bev_ax.plot(-history[:, 1], history[:, 0], "k.-", ms=3, label=f"history ({HISTORY_SECONDS:g} s)")
     if truth is not None:
         bev_ax.plot(-truth[:, 1], truth[:, 0], "g-", label="actual future")
     bev_ax.plot(-planned[:, 1], planned[:, 0], "r--", label="planned")
