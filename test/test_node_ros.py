@@ -654,3 +654,30 @@ def test_clean_exit_on_signals_while_loading_idle_and_planning(tmp_path, models,
         # (a test on a loaded machine asserts no absolute time).
         assert elapsed < 5.0, f"{phase}: {elapsed:.2f} s to exit"
         assert "Traceback" not in output and "[ERROR]" not in output, f"{phase}:\n{output}"
+
+
+def test_a_twin_node_and_a_silent_clock_are_reported():
+    """A second node with the same name, and use_sim_time without /clock, turn /diagnostics WARN
+    with the reason (both used to pass silently); diagnostics keep coming on the steady clock."""
+    from diagnostic_msgs.msg import DiagnosticStatus
+
+    from chain_spec_ros.node import ChainSpecNode
+
+    rclpy.init(args=["test", "--ros-args", "-p", "use_sim_time:=true"], domain_id=_domain())
+    planner = ScriptedPlanner()
+    node = ChainSpecNode(planner_loader=lambda config: (planner, Path("scripted")))
+    twin = rclpy.create_node("chain_spec_node")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            status = node._diagnostics().status[0]
+            if "nodes named /chain_spec_node" in status.message and "/clock has not advanced" in status.message:
+                break
+            assert time.monotonic() < deadline, status.message
+            time.sleep(0.2)
+        assert status.level == DiagnosticStatus.WARN
+    finally:
+        twin.destroy_node()
+        node.close()
+        node.destroy_node()
+        rclpy.try_shutdown()
