@@ -1,6 +1,6 @@
 """A rosbag2 drive from real odometry: the comma2k19 sample segment with generated camera frames.
 
-The segment (`../shared/data/comma2k19/`, MIT licence) has global poses at 20 Hz: ECEF
+A comma2k19 segment (comma.ai's public driving data set, MIT licence) has global poses at 20 Hz: ECEF
 positions, velocities and device orientations. They become nav_msgs/Odometry in a local ENU
 frame anchored at the first pose (x east, y north; yaw from the device's forward axis), with
 the forward speed from the velocity. The segment has no video here, so camera frames are
