@@ -60,6 +60,9 @@ REJECTION_COUNTERS = (NAN_ODOMETRY, IMPLAUSIBLE_ODOMETRY, OUT_OF_ORDER, OUTLIER_
                       WRONG_ENCODING, WRONG_SIZE, OVERSIZED, FRAME_MISMATCH)
 # Consecutive messages on a new timeline that confirm a jump of a topic's stamps (a bag loop).
 JUMP_CONFIRMATIONS = 3
+# An orientation quaternion further than this from unit norm is not a rotation (drivers that
+# leave it unset send zeros); float32 round-off stays far below it.
+QUATERNION_NORM_TOLERANCE = 0.01
 
 RAW_ENCODINGS = {"bgr8": 3, "rgb8": 3, "mono8": 1}
 COMPRESSED_FORMATS = ("jpeg", "jpg", "png")
@@ -172,7 +175,7 @@ def decode_compressed(fmt: str, data, limits: ImageLimits = ImageLimits(),
     if buffer.size > limits.max_bytes:
         raise InputError(OVERSIZED, f"CompressedImage of {buffer.size} bytes exceeds max_image_bytes "
                                     f"({limits.max_bytes}); not decoded")
-    head = buffer[:65536].tobytes()
+    head = buffer.tobytes()  # the whole payload: a JPEG's frame header may follow 64 KiB of EXIF
     size = compressed_image_size(head)
     if size is None:
         raise InputError(DECODE_ERRORS, f"a {buffer.size}-byte {fmt or 'compressed'} payload has no JPEG or PNG "
@@ -264,10 +267,16 @@ def yaw_from_quaternion(x: float, y: float, z: float, w: float) -> float:
 
 
 def odometry_sample(message) -> tuple[int, float, float, float, float]:
-    """A nav_msgs/Odometry -> (stamp ns, x, y, yaw, forward speed)."""
+    """A nav_msgs/Odometry -> (stamp ns, x, y, yaw, forward speed). An orientation that is not a
+    unit quaternion (e.g. all zeros: never filled in) has no heading: InputError."""
     stamp = message.header.stamp
     pose = message.pose.pose
     q = pose.orientation
+    norm = math.sqrt(q.x * q.x + q.y * q.y + q.z * q.z + q.w * q.w)
+    if not abs(norm - 1.0) <= QUATERNION_NORM_TOLERANCE:  # also catches NaN
+        kind = NAN_ODOMETRY if not math.isfinite(norm) else IMPLAUSIBLE_ODOMETRY
+        raise InputError(kind, f"odometry orientation ({q.x:.3g}, {q.y:.3g}, {q.z:.3g}, {q.w:.3g}) is not a unit "
+                               f"quaternion (norm {norm:.3g}); dropped")
     return (stamp_ns(stamp), float(pose.position.x), float(pose.position.y),
             yaw_from_quaternion(q.x, q.y, q.z, q.w), float(message.twist.twist.linear.x))
 
@@ -638,5 +647,7 @@ class SensorInputs:
                                     f"{self.frame_id!r}"))
             reason = self.buffers.add_odometry(*odometry_sample(message), now_ns=now_ns)
             return ("odometry", reason) if reason else mismatch
+        except InputError as error:
+            return error.kind, self.buffers.record(error.kind, error.reason)
         except Exception as error:  # noqa: BLE001
             return DECODE_ERRORS, self.buffers.record(DECODE_ERRORS, f"odometry: {type(error).__name__}: {error}")

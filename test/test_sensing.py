@@ -348,6 +348,26 @@ def test_odometry_sample_reads_an_odometry_message():
     stamp, x, y, got_yaw, speed = odometry_sample(message)
     assert stamp == 1_700_000_001_250_000_000 and (x, y, speed) == (1.0, 2.0, 3.0)
     assert got_yaw == pytest.approx(yaw)
+    # An orientation never filled in (all zeros) has no heading; NaN is not finite.
+    for quaternion, kind in (((0.0, 0.0, 0.0, 0.0), sensing.IMPLAUSIBLE_ODOMETRY),
+                             ((0.0, 0.0, 0.5, 0.5), sensing.IMPLAUSIBLE_ODOMETRY),
+                             ((0.0, 0.0, float("nan"), 1.0), sensing.NAN_ODOMETRY)):
+        message.pose.pose.orientation = SimpleNamespace(**dict(zip("xyzw", quaternion)))
+        with pytest.raises(InputError, match="not a unit quaternion") as error:
+            odometry_sample(message)
+        assert error.value.kind == kind
+
+
+def test_jpeg_size_is_found_after_a_large_exif_segment():
+    jpeg = cv2.imencode(".jpg", np.zeros((30, 40, 3), np.uint8))[1].tobytes()
+    exif = b"\xff\xe1" + (65535).to_bytes(2, "big") + bytes(65533)  # the largest APP1 segment
+    padded = jpeg[:2] + exif + jpeg[2:]
+    assert sensing.compressed_image_size(padded) == (40, 30)
+    assert decode_compressed("jpeg", padded).shape == (30, 40, 3)
+    truncated = padded[:65000]  # cut inside the EXIF segment: no frame header, so no size, not decoded
+    assert sensing.compressed_image_size(truncated) is None
+    with pytest.raises(InputError, match="no JPEG or PNG header"):
+        decode_compressed("jpeg", truncated)
 
 
 # --- Guards before decoding -------------------------------------------------------------------------
