@@ -143,30 +143,27 @@ class ChainSpecNode(Node):
 
     def _on_tick(self) -> None:
         start, now = time.perf_counter(), self._now_ns()
+        with self._lock:  # conversion time of the last period: what the inputs of this tick cost
+            self.ticks.ticks += 1
+            convert_ms, self._convert_ms = self._convert_ms, 0.0
         try:
             self.buffers.observe_clock(now)
-            with self._lock:
-                self.ticks.ticks += 1
-            if self.worker.busy:
-                with self._lock:
-                    self.ticks.dropped += 1
-                return
             if self.buffers.generation != self._generation:  # reset (clock jump): a new timeline
                 self._generation, self._last_t0 = self.buffers.generation, None
-            frame, reason = self.buffers.assemble(now_ns=now, last_t0_ns=self._last_t0)
-            if frame is None:
+            frame, reason = (None, None) if self.worker.busy else self.buffers.assemble(now, self._last_t0)
+            if frame is not None and self.worker.submit((frame, convert_ms)):
+                self._last_t0 = frame.t0_ns
+                with self._lock:
+                    self.ticks.last_tick_skipped = False
+            elif reason:
                 with self._lock:
                     self.ticks.skip(reason)
                 self.warn("skip:" + getattr(reason, "kind", "other"), f"tick skipped: {reason}")
-                return
-            with self._lock:
-                convert_ms, self._convert_ms = self._convert_ms, 0.0
-                self.ticks.last_tick_skipped = False
-            if self.worker.submit((frame, convert_ms)):
-                self._last_t0 = frame.t0_ns
-            else:
+            else:  # the worker is busy: drop-if-busy
                 with self._lock:
                     self.ticks.dropped += 1
+        except Exception as error:  # noqa: BLE001 - a tick must never stop the executor
+            self.warn("tick", f"tick failed: {type(error).__name__}: {error}")
         finally:
             self.busy.add(time.perf_counter() - start)
 
@@ -181,8 +178,8 @@ class ChainSpecNode(Node):
             plan_ms = (time.perf_counter() - start) * 1e3
             build_start = time.perf_counter()
             tokens = [self.planner.builder.tokenizer.decode([i]) for i in result.coc_ids]
-            info = outputs.plan_info(frame, result, tokens, backend=self.backend, decoding=self._decoding(),
-                                     draft_k=self.planner.k, convert_ms=convert_ms, assembly_ms=frame.assembly_ms)
+            info = outputs.plan_info(frame, result, tokens, backend=self.backend, convert_ms=convert_ms,
+                                     assembly_ms=frame.assembly_ms)
             messages = outputs.plan_messages(self.types, frame, result, self.config)
             build_ms = (time.perf_counter() - build_start) * 1e3
             info.update(build_ms=build_ms, node_overhead_ms=convert_ms + frame.assembly_ms + build_ms,
@@ -213,7 +210,6 @@ class ChainSpecNode(Node):
             self.ticks.failed(f"{type(error).__name__}: {error}", rejected=isinstance(error, ImplausiblePlan))
         self.warn(f"plan-{type(error).__name__}", f"plan at t0={frame.t0:.3f} not published: "
                                                   f"{type(error).__name__}: {error}")
-        self._publish_diagnostics()
 
     # -- diagnostics (steady clock)
 

@@ -78,7 +78,8 @@ class NodeConfig:
     qos_depth: int = _param(10, "queue depth of the sensor-data subscriptions", low=1, high=1000)
     resize_images: bool = _param(True, "resize images of another size to the model's (false: reject them)",
                                  runtime=True)
-    camera_max_rate_hz: float = _param(20.0, "camera frames above this rate are dropped before decoding (0 = keep all)",
+    camera_max_rate_hz: float = _param(40.0, "camera frames above this rate are dropped before decoding (0 = keep all; "
+                                       "at least 1 / frame_tolerance_s)",
                                        low=0.0, high=10000.0, runtime=True)
     odom_max_rate_hz: float = _param(100.0, "odometry above this rate is dropped before deserialisation (0 = keep all)",
                                      low=0.0, high=100000.0, runtime=True)
@@ -99,9 +100,11 @@ class NodeConfig:
                                    low=0.0, high=10.0, low_open=True, runtime=True)
     max_input_age_s: float = _param(1.0, "skip when t0 is older than this at the tick", low=0.0, high=3600.0,
                                     low_open=True, runtime=True)
-    clock_jump_threshold_s: float = _param(1.0, "a stamp further than this from its topic's timeline is an outlier; "
+    clock_jump_threshold_s: float = _param(1.0, "a stamp further than this behind its topic's timeline is an outlier; "
                                            "a confirmed backward jump (or of the clock) resets all buffers",
                                            low=0.0, high=3600.0, low_open=True, runtime=True)
+    max_future_stamp_s: float = _param(0.25, "a stamp further than this ahead of the node's clock is an outlier "
+                                       "(dropped, counted)", low=0.0, high=3600.0, low_open=True, runtime=True)
     buffer_seconds: float = _param(3.0, "history kept per topic (>= 1.6 s of ego history + margin)",
                                    low=1.7, high=60.0)
     max_speed_mps: float = _param(90.0, "odometry faster than this, or a planned step covering more, is implausible",
@@ -211,6 +214,10 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
         errors.append(f"camera_topics: {len(topics)} topic(s) for {len(cameras)} camera(s); give one per camera")
     if len(set(topics)) != len(topics):
         errors.append(f"camera_topics: topics must be unique, got {topics}")
+    rate, tolerance = values["camera_max_rate_hz"], values["frame_tolerance_s"]
+    if 0 < rate < 1.0 / tolerance:  # decimated frames would leave gaps the 10 Hz instants miss
+        errors.append(f"camera_max_rate_hz: {rate:g} Hz leaves frames more than frame_tolerance_s ({tolerance:g} s) "
+                      f"from some 10 Hz instants; use 0 (keep all) or at least {1.0 / tolerance:g} Hz")
     if values["buffer_seconds"] < HISTORY_SECONDS + values["max_odom_staleness_s"]:
         errors.append(f"buffer_seconds: {values['buffer_seconds']} s cannot hold {HISTORY_SECONDS:g} s of history plus "
                       f"max_odom_staleness_s ({values['max_odom_staleness_s']} s)")
@@ -235,7 +242,7 @@ def kind_of(name: str) -> str:
 def sensing_config(cfg: NodeConfig, width: int, height: int) -> SensingConfig:
     """The input buffers' settings for a node configuration and the model's image size."""
     keys = ("frame_tolerance_s", "max_camera_skew_s", "max_odom_staleness_s", "max_odom_gap_s", "max_input_age_s",
-            "clock_jump_threshold_s", "buffer_seconds", "resize_images", "max_speed_mps", "max_reverse_speed_mps",
+            "clock_jump_threshold_s", "max_future_stamp_s", "buffer_seconds", "resize_images", "max_speed_mps", "max_reverse_speed_mps",
             "max_abs_position_m")
     return SensingConfig(cameras=tuple(cfg.cameras), image_width=width, image_height=height,
                          **{key: getattr(cfg, key) for key in keys})

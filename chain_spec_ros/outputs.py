@@ -83,7 +83,9 @@ def trajectory_yaws(xy: np.ndarray) -> np.ndarray:
 
 def plan_info(frame: SensorFrame, result: PlanResult, token_texts: list[str], **extra) -> dict:
     """The ~/plan_info JSON of one plan: tokens and their source, timings, stats, input quality."""
+    draft_k = int(result.stats.get("draft_k", 0))  # what this plan ran with (0: target only)
     return {
+        "decoding": "speculative" if draft_k else "target-only", "draft_k": draft_k,
         "t0_ns": frame.t0_ns, "coc": result.coc, "coc_ids": [int(i) for i in result.coc_ids],
         "tokens": token_texts, "token_sources": list(result.token_sources), "timings_ms": dict(result.timings_ms),
         "stats": result.stats, "speed": frame.speed, "pose": list(frame.pose), "camera_skew_s": frame.camera_skew_s,

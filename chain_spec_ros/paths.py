@@ -4,9 +4,9 @@ One answer for every kind of install, in this order:
 - $CHAIN_SPEC_MODELS, for the models folder only;
 - a source checkout or an editable install: the repository itself (it holds package.xml);
 - an installed package (colcon/ament, `pip install`, a wheel, `--prefix`): its share folder,
-  `<prefix>/share/chain_spec_ros`, found through the ament index when AMENT_PREFIX_PATH names the
-  prefix, else beside the installed Python package (`<prefix>/lib/pythonX.Y/site-packages`),
-  else under the running interpreter's prefix.
+  `<prefix>/share/chain_spec_ros` beside the installed Python package
+  (`<prefix>/lib/pythonX.Y/site-packages`), else the one the ament index names, else the one
+  under the running interpreter's prefix.
 """
 from __future__ import annotations
 
@@ -25,7 +25,12 @@ def source_root() -> Path | None:
 
 
 def _share_candidates() -> list[Path]:
+    """Most specific first: the share folder of the prefix this package runs from, then the
+    ament index (which may name another prefix of an overlay), then the interpreter's prefix."""
     candidates = []
+    # <prefix>/lib/pythonX.Y/site-packages/chain_spec_ros -> <prefix>/share/chain_spec_ros
+    if PACKAGE_DIR.parent.name in ("site-packages", "dist-packages"):
+        candidates.append(PACKAGE_DIR.parents[3] / "share" / PACKAGE)
     try:
         from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
 
@@ -35,9 +40,6 @@ def _share_candidates() -> list[Path]:
             pass
     except ImportError:  # no ament index: only the prefix layouts below
         pass
-    # <prefix>/lib/pythonX.Y/site-packages/chain_spec_ros -> <prefix>/share/chain_spec_ros
-    if PACKAGE_DIR.parent.name in ("site-packages", "dist-packages"):
-        candidates.append(PACKAGE_DIR.parents[3] / "share" / PACKAGE)
     candidates.append(Path(sys.prefix) / "share" / PACKAGE)
     return candidates
 

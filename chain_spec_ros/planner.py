@@ -67,29 +67,31 @@ class Planner:
             timings[name] = (now - clock) * 1e3
             clock = now
 
+        # One reading of the settings a node may change from another thread while this runs.
+        drafter, k, expert_steps, seed = self.drafter, self.k, self.expert_steps, self.seed
         prompt = self.builder.build(images, history_tokens)
-        max_len = len(prompt) + MAX_COC_TOKENS + self.k + 4
+        max_len = len(prompt) + MAX_COC_TOKENS + k + 4
         self.target.start(max_len)
-        if self.drafter is not None:
-            self.drafter.start(max_len)
+        if drafter is not None:
+            drafter.start(max_len)
         lap("prompt")
         image_embeds = self.target.encode_images(prompt.images)
         lap("vision")
         logits, features = self.target.prefill(prompt.input_ids, image_embeds, prompt.mrope_positions)
         lap("prefill")
-        stats, sources = {}, []
-        if self.drafter is None:
+        stats, sources = {"draft_k": k if drafter is not None else 0}, []
+        if drafter is None:
             coc_ids = greedy_decode(self.target, logits, prompt.rope_delta, MAX_COC_TOKENS, self.stop_id)
             sources = ["target"] * len(coc_ids)
         else:
-            coc_ids, spec = speculative_decode(self.target, self.drafter, prompt, logits, features,
-                                               self.stop_id, MAX_COC_TOKENS, self.k)
-            stats, sources = spec.as_dict(), spec.token_sources
+            coc_ids, spec = speculative_decode(self.target, drafter, prompt, logits, features,
+                                               self.stop_id, MAX_COC_TOKENS, k)
+            stats, sources = {**stats, **spec.as_dict()}, spec.token_sources
         lap("decode")
         timings["decode_per_token"] = timings["decode"] / max(len(coc_ids), 1)
         # The expert reads the cache through `<|traj_future_start|>`, as in training.
         self.target.decode([self.stop_id, self.future_start_id], prompt.rope_delta)
-        trajectory = self.target.trajectory(prompt.rope_delta, float(speed), self.expert_steps, self.seed)
+        trajectory = self.target.trajectory(prompt.rope_delta, float(speed), expert_steps, seed)
         lap("expert")
         return PlanResult(
             coc_ids=coc_ids,
@@ -212,7 +214,10 @@ def self_test(planner: Planner, cameras: int, max_speed_mps: float) -> float:
     images = np.full((cameras, NUM_FRAMES, vision.image_height, vision.image_width, 3), 128, np.uint8)
     history = history_bins(np.zeros((HISTORY_STEPS + 1, 3)))
     start = time.perf_counter()
-    result = planner.plan(images, history, 0.0)
+    try:
+        result = planner.plan(images, history, 0.0)
+    except Exception as error:  # noqa: BLE001 - e.g. a runtime error of the backend: one clear line
+        raise ModelLoadError(f"start-up self-test plan failed: {type(error).__name__}: {error}") from None
     elapsed_ms = (time.perf_counter() - start) * 1e3
     problem = plan_problem(result, max_speed_mps)
     if problem is None and not all(math.isfinite(float(v)) for v in result.timings_ms.values()):

@@ -30,13 +30,18 @@ put something implausible into the planner:
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
+
+# A backstop under the header checks below: OpenCV itself refuses to decode more pixels than this
+# (its own default is 2^30, about 3 GiB of BGR). Read by OpenCV at its first decode.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(8192 * 8192))
+import cv2  # noqa: E402
 
 from .constants import NS
 from .scenarios.scene import NUM_FRAMES
@@ -104,35 +109,43 @@ class ImageLimits:
     min_scale: float = 0.25  # a frame narrower or lower than this share of the model's input is rejected
 
 
-def _jpeg_size(buffer: bytes) -> tuple[int, int] | None:
-    """(width, height) from a JPEG's start-of-frame marker, or None if there is none."""
-    i = 2
-    while i + 9 <= len(buffer):
-        if buffer[i] != 0xFF:
+# Segments allowed before a JPEG's frame header: tables (DHT, DAC, DQT, DRI), APPn, COM. Anything
+# else there (a stray FF 00, an unknown marker) is not skipped the way libjpeg would read it, so
+# the header we find might not be the one it decodes: no size, no decoding.
+_JPEG_TABLE_SEGMENTS = frozenset((0xC4, 0xCC, 0xDB, 0xDD, *range(0xE0, 0xF0), 0xFE))
+_JPEG_MAX_SEGMENTS = 64  # real files have a handful before SOF; bounds the scan's time
+_JPEG_MAX_FILL = 1024
+
+
+def _jpeg_size(buffer) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's start-of-frame marker, or None if there is none among the
+    first _JPEG_MAX_SEGMENTS well-formed segments."""
+    i, fill = 2, 0
+    for _ in range(_JPEG_MAX_SEGMENTS + _JPEG_MAX_FILL):
+        if i + 9 > len(buffer) or buffer[i] != 0xFF:
             return None
         marker = buffer[i + 1]
         if marker == 0xFF:  # fill byte
+            fill += 1
+            if fill > _JPEG_MAX_FILL:
+                return None
             i += 1
-            continue
-        if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
-            i += 2
             continue
         length = int.from_bytes(buffer[i + 2:i + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn (not DHT, JPG, DAC)
-            height = int.from_bytes(buffer[i + 5:i + 7], "big")
-            width = int.from_bytes(buffer[i + 7:i + 9], "big")
-            return width, height
-        if marker == 0xDA or length < 2:  # start of scan before any frame header: malformed
+            return int.from_bytes(buffer[i + 7:i + 9], "big"), int.from_bytes(buffer[i + 5:i + 7], "big")
+        if marker not in _JPEG_TABLE_SEGMENTS or length < 2:
             return None
         i += 2 + length
     return None
 
 
-def compressed_image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) claimed by a JPEG or PNG header, without decoding; None if unknown."""
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and data[12:16] == b"IHDR":
+def compressed_image_size(data) -> tuple[int, int] | None:
+    """(width, height) claimed by a JPEG or PNG header (bytes or a memoryview), without decoding;
+    None if unknown."""
+    if bytes(data[:8]) == b"\x89PNG\r\n\x1a\n" and len(data) >= 24 and bytes(data[12:16]) == b"IHDR":
         return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if data[:2] == b"\xff\xd8":
+    if bytes(data[:2]) == b"\xff\xd8":
         return _jpeg_size(data)
     return None
 
@@ -175,13 +188,13 @@ def decode_compressed(fmt: str, data, limits: ImageLimits = ImageLimits(),
     if buffer.size > limits.max_bytes:
         raise InputError(OVERSIZED, f"CompressedImage of {buffer.size} bytes exceeds max_image_bytes "
                                     f"({limits.max_bytes}); not decoded")
-    head = buffer.tobytes()  # the whole payload: a JPEG's frame header may follow 64 KiB of EXIF
+    head = memoryview(buffer)  # no copy: a JPEG's frame header may follow 64 KiB of EXIF
     size = compressed_image_size(head)
     if size is None:
         raise InputError(DECODE_ERRORS, f"a {buffer.size}-byte {fmt or 'compressed'} payload has no JPEG or PNG "
                                         f"header with the image size")
     _check_dimensions(*size, limits, target)
-    flag = _reduced_read_flag(size, target) if head[:2] == b"\xff\xd8" else cv2.IMREAD_COLOR
+    flag = _reduced_read_flag(size, target) if bytes(head[:2]) == b"\xff\xd8" else cv2.IMREAD_COLOR
     image = cv2.imdecode(buffer, flag)
     if image is None:
         raise InputError(DECODE_ERRORS, f"could not decode a {len(buffer)}-byte {fmt or 'compressed'} image")
@@ -245,19 +258,27 @@ def peek_header_stamp_ns(serialized: bytes) -> int | None:
 
 
 class Decimator:
-    """Keeps at most one message per `min_period_s` of header time (0: keep all). A stamp older
-    than the last kept one passes, so that the buffers see (and count) out-of-order input."""
+    """Keeps at most one message per `min_period_ns` of header time on average (0: keep all).
 
-    def __init__(self, min_period_s: float):
-        self.min_period_ns = int(min_period_s * NS)
-        self._last: int | None = None
+    The slot of the last kept message advances by one period, not to the kept stamp, so a stream
+    just above the limit keeps close to the limit's rate (a 25 Hz camera under a 20 Hz limit keeps
+    about 22 Hz, not every other frame at 12.5 Hz). A stamp older than the last kept one, or equal
+    to it, passes, so that the buffers see (and count) out-of-order and duplicate input.
+    """
+
+    def __init__(self, min_period_ns: int = 0):
+        self.min_period_ns = min_period_ns
+        self._slot: int | None = None
 
     def keep(self, stamp_ns: int | None) -> bool:
-        last = self._last
-        if (stamp_ns is not None and self.min_period_ns > 0 and last is not None
-                and 0 <= stamp_ns - last < self.min_period_ns):
+        period, slot = self.min_period_ns, self._slot
+        if stamp_ns is None or period <= 0 or slot is None or stamp_ns <= slot:
+            if stamp_ns is not None and stamp_ns != slot:  # a duplicate keeps the slot
+                self._slot = stamp_ns
+            return True
+        if stamp_ns - slot < period:
             return False
-        self._last = stamp_ns
+        self._slot = stamp_ns if stamp_ns - slot >= 2 * period else slot + period
         return True
 
 
@@ -299,7 +320,8 @@ class SensingConfig:
     max_odom_staleness_s: float = 0.2  # newest odometry may be this much older than t0
     max_odom_gap_s: float = 0.5  # largest gap between odometry samples inside the history window
     max_input_age_s: float = 1.0  # skip when t0 is older than this (a dead camera stream)
-    clock_jump_threshold_s: float = 1.0  # stamps further than this from a topic's timeline are outliers
+    clock_jump_threshold_s: float = 1.0  # stamps further than this behind a topic's timeline are outliers
+    max_future_stamp_s: float = 0.25  # stamps further than this ahead of the node's clock are outliers
     buffer_seconds: float = 3.0
     resize_images: bool = True
     max_speed_mps: float = 90.0  # odometry forward speed above this is implausible
@@ -406,13 +428,13 @@ class SensorBuffers:
     def _accept_stamp(self, topic: str, buffer: deque, stamp: int, now_ns: int | None) -> str | None:
         """Order and timeline checks for a new stamp (lock held). None if it may be appended.
 
-        A stamp ahead of the node's clock by more than the jump threshold, or behind its topic's
-        newest by more than that, is an outlier and dropped, unless JUMP_CONFIRMATIONS consecutive
+        A stamp ahead of the node's clock by more than max_future_stamp_s, or behind its topic's
+        newest by more than the jump threshold, is an outlier and dropped, unless JUMP_CONFIRMATIONS consecutive
         messages agree on the new (earlier) timeline: then it was a real jump and every buffer
         resets. A small step back is out of order and dropped.
         """
         threshold = int(self.config.clock_jump_threshold_s * NS)
-        if now_ns and stamp - now_ns > threshold:
+        if now_ns and stamp - now_ns > self.config.max_future_stamp_s * NS:
             return self._count(OUTLIER_STAMPS, f"{topic}: stamp {(stamp - now_ns) / NS:.2f} s ahead of the clock; dropped")
         if not buffer or stamp > buffer[-1][0]:
             self._pending_jumps.pop(topic, None)
@@ -593,7 +615,7 @@ class SensorInputs:
         self.buffers, self.deserialize = buffers, deserialize
         self.image_kind = "CompressedImage" if compressed else "Image"
         self._decode = image_from_compressed if compressed else image_from_raw
-        self._decimators = {name: Decimator(0.0) for name in (*buffers.config.cameras, "odometry")}
+        self._decimators = {name: Decimator() for name in (*buffers.config.cameras, "odometry")}
         self._odom_frame: str | None = None
         self.configure()
 
@@ -610,6 +632,9 @@ class SensorInputs:
             if not decimator.keep(peek_header_stamp_ns(bytes(message[:12]))):
                 self.buffers.record(DECIMATED, f"{kind} above its configured maximum rate")
                 return None
+            if kind != "Odometry" and len(message) > self.limits.max_bytes + 4096:  # + header and fields
+                raise InputError(OVERSIZED, f"{kind} message of {len(message)} bytes exceeds max_image_bytes "
+                                            f"({self.limits.max_bytes}); not deserialised")
             return self.deserialize(bytes(message), kind)
         return message if decimator.keep(stamp_ns(message.header.stamp)) else None
 
@@ -639,14 +664,16 @@ class SensorInputs:
             if message is None:
                 return None
             parent, child = message.header.frame_id, message.child_frame_id
-            self._odom_frame = parent if self._odom_frame is None else self._odom_frame
             mismatch = None
-            if parent != self._odom_frame or child not in ("", self.frame_id):
+            if parent != (self._odom_frame or parent) or child not in ("", self.frame_id):
                 mismatch = (FRAME_MISMATCH, self.buffers.record(
-                    FRAME_MISMATCH, f"odometry in {parent!r} -> {child!r}, expected {self._odom_frame!r} -> "
-                                    f"{self.frame_id!r}"))
+                    FRAME_MISMATCH, f"odometry in {parent!r} -> {child!r}, expected {self._odom_frame or parent!r} "
+                                    f"-> {self.frame_id!r}"))
             reason = self.buffers.add_odometry(*odometry_sample(message), now_ns=now_ns)
-            return ("odometry", reason) if reason else mismatch
+            if reason:
+                return "odometry", reason
+            self._odom_frame = self._odom_frame or parent  # the frame of the first accepted sample
+            return mismatch
         except InputError as error:
             return error.kind, self.buffers.record(error.kind, error.reason)
         except Exception as error:  # noqa: BLE001

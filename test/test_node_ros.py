@@ -548,13 +548,14 @@ def _set_parameters(tester, values: dict, timeout: float = 20.0):
     return [(r.successful, r.reason) for r in future.result().results]
 
 
-def test_parameters_set_from_another_process_take_effect_or_are_refused(tmp_path, models):
+def test_parameters_set_from_another_process_take_effect_or_are_refused(tmp_path):
     from diagnostic_msgs.msg import DiagnosticArray
     from rclpy.qos import QoSProfile, ReliabilityPolicy
     from std_msgs.msg import String
 
     domain = _domain()
     env = ros_env(domain)
+    models = write_tiny_models(tmp_path / "models", draft=True)  # speculative: draft_k matters
     node = NodeProcess(["--ros-args", "-p", f"models_dir:={models}", "-p", "backend:=torch", "-p", "torch_threads:=1",
                         "-p", "plan_rate_hz:=2.0", "-p", "diagnostics_rate_hz:=4.0"], env, tmp_path / "node.log")
     infos, diagnostics = [], []
@@ -595,22 +596,41 @@ def test_parameters_set_from_another_process_take_effect_or_are_refused(tmp_path
             assert fast_rate > 1.6 * slow_rate, (slow_rate, fast_rate)  # 5 Hz ticks against 2 Hz, same machine load
             # Invalid ones are refused with a reason and change nothing.
             refused = {"plan_rate_hz": -1.0, "draft_k": 10000, "models_dir": "/etc", "torch_threads": 100000,
-                       "drafter": "eagle", "max_camera_skew_s": float("nan")}
+                       "drafter": "fast", "max_camera_skew_s": float("nan"), "camera_max_rate_hz": 5.0}
             for name, value in refused.items():
                 [(ok, reason)] = _set_parameters(tester, {name: value})
                 assert not ok and reason, (name, reason)
                 if name in ("models_dir", "torch_threads"):
                     assert "read-only" in reason or "read only" in reason, reason
-                if name == "drafter":
-                    assert "no draft was loaded" in reason, reason
             [(ok, reason)] = _set_parameters(tester, {"plan_rate_hz": 0.0})
             assert not ok and "must be > 0" in reason, reason
             count = len(infos)
             wait_for(lambda: len(infos) > count + 2, "planning stopped after refused changes")
-            assert infos[-1]["draft_k"] == 4
+            assert infos[-1]["draft_k"] == 4 and infos[-1]["decoding"] == "speculative"
+            # Drafting switched off and on again at runtime.
+            assert _set_parameters(tester, {"drafter": "none"}) == [(True, "")]
+            count = len(infos)
+            wait_for(lambda: len(infos) > count + 2, "no plan without the draft")
+            assert infos[-1]["decoding"] == "target-only" and infos[-1]["draft_k"] == 0
+            assert _set_parameters(tester, {"drafter": "eagle"}) == [(True, "")]
+            count = len(infos)
+            wait_for(lambda: len(infos) > count + 2, "no plan with the draft again")
+            assert infos[-1]["decoding"] == "speculative"
         assert node.alive(), node.output()
     code = node.process.returncode
     assert code == 0 and "Traceback" not in node.output(), node.output()
+
+
+def test_drafting_cannot_be_switched_on_without_a_draft():
+    from rclpy.parameter import Parameter
+
+    from chain_spec_ros.node_config import NodeConfig
+    from chain_spec_ros.node_parameters import check_change
+
+    refused = check_change(NodeConfig(), [Parameter("drafter", value="eagle")], draft_loaded=False)
+    assert not refused.successful and "no draft was loaded" in refused.reason
+    assert check_change(NodeConfig(), [Parameter("drafter", value="eagle")], draft_loaded=True).successful
+    assert not check_change(NodeConfig(), [Parameter("draft_k", value=0)], draft_loaded=True).successful
 
 
 # --- Shutdown -------------------------------------------------------------------------------------------

@@ -219,12 +219,13 @@ def test_one_outlier_stamp_per_second_leaves_the_buffers_alone():
         now = last + NS // 20
         assert "before the newest" in buffers.add_odometry(last - 3 * NS, 0.0, 0.0, 0.0, 10.0, now_ns=now)
         assert "ahead of the clock" in buffers.add_odometry(last + 5 * NS, 0.0, 0.0, 0.0, 10.0, now_ns=now)
+        assert "ahead of the clock" in buffers.add_odometry(now + NS // 2, 0.0, 0.0, 0.0, 10.0, now_ns=now)
         assert "ahead of the clock" in buffers.add_image("a", last + 5 * NS, _frame(0), now_ns=now)
         frame, reason = buffers.assemble(now_ns=now)
         plans += frame is not None
         buffers.reset()
     assert plans == 6
-    assert buffers.counters[sensing.OUTLIER_STAMPS] == 18 and buffers.counters[sensing.CLOCK_JUMPS] == 0
+    assert buffers.counters[sensing.OUTLIER_STAMPS] == 24 and buffers.counters[sensing.CLOCK_JUMPS] == 0
 
 
 def test_outliers_that_disagree_do_not_confirm_a_jump():
@@ -389,6 +390,23 @@ def test_decompression_bomb_is_rejected_from_its_header_cheaply():
     assert elapsed < 0.05 and peak < 50 * 2**20, (elapsed, peak)
 
 
+def test_crafted_jpegs_cannot_hide_a_large_image_or_stall_the_scan():
+    import time
+
+    hidden = cv2.imencode(".jpg", np.zeros((2000, 2000, 3), np.uint8))[1].tobytes()
+    small_sof = bytes.fromhex("ffc0 0011 08 0030 0060 03 012200 021100 031100")  # claims 96x48
+    # A stray FF 00 "segment" that libjpeg would not skip the way a length-based scan does.
+    crafted = b"\xff\xd8\xff\x00" + len(hidden).to_bytes(2, "big")[-2:] + hidden[2:] + small_sof
+    assert sensing.compressed_image_size(crafted) is None
+    with pytest.raises(InputError):
+        decode_compressed("jpeg", crafted, sensing.ImageLimits(max_pixels=1_000_000))
+    # Megabytes of fill bytes or empty segments: the scan gives up after a bounded number.
+    for filler in (b"\xff" * (4 << 20), b"\xff\xfe\x00\x02" * (1 << 20)):
+        start = time.perf_counter()
+        assert sensing.compressed_image_size(b"\xff\xd8" + filler) is None
+        assert time.perf_counter() - start < 0.05
+
+
 def test_png_header_and_payload_limits():
     png = cv2.imencode(".png", np.zeros((30, 40, 3), np.uint8))[1].tobytes()
     assert sensing.compressed_image_size(png) == (40, 30)
@@ -437,8 +455,61 @@ def test_header_stamp_is_read_from_serialized_messages():
 
 
 def test_decimator_keeps_one_message_per_period_and_passes_old_stamps():
-    decimator = sensing.Decimator(0.02)
+    decimator = sensing.Decimator(20 * NS // 1000)
     kept = [t for t in range(0, 1000) if decimator.keep(T_START + t * NS // 1000)]  # 1 kHz for 1 s
     assert len(kept) == 50 and all(b - a == 20 for a, b in zip(kept, kept[1:]))
     assert decimator.keep(T_START)  # back in time: passes (the buffers count it)
-    assert sensing.Decimator(0.0).keep(T_START) and sensing.Decimator(0.0).keep(T_START)
+    assert decimator.keep(T_START) and decimator.keep(T_START)  # duplicates too
+    assert sensing.Decimator(0).keep(T_START) and sensing.Decimator(0).keep(T_START)
+
+
+def test_decimator_keeps_a_stream_just_above_its_limit_close_to_the_limit():
+    """A 50 Hz camera under the default 40 Hz limit (22.5 ms with the node's 10 % margin) keeps
+    about 44 Hz, spread so that every 10 Hz instant has a frame within half the 40 ms tolerance."""
+    decimator = sensing.Decimator(225 * NS // 10000)
+    stamps = [T_START + i * 20 * NS // 1000 for i in range(500)]  # 10 s at 50 Hz
+    kept = np.array([s for s in stamps if decimator.keep(s)])
+    assert 420 <= len(kept) <= 460
+    instants = T_START + np.arange(5, 95) * NS // 10
+    nearest = np.abs(kept[None, :] - instants[:, None]).min(axis=1)
+    assert nearest.max() <= 20 * NS // 1000
+
+
+def test_sensor_inputs_from_serialized_messages():
+    """The node's path: serialized bytes -> decimation by header stamp -> size cap before
+    deserialisation -> decoding -> buffers; the odometry frame is learnt from accepted samples."""
+    pytest.importorskip("rclpy", reason="the ROS 2 wheels (rclpy) are not installed")
+    from nav_msgs.msg import Odometry
+    from rclpy.serialization import deserialize_message, serialize_message
+    from sensor_msgs.msg import CompressedImage
+
+    types = {"CompressedImage": CompressedImage, "Odometry": Odometry}
+    buffers = _buffers()
+    inputs = sensing.SensorInputs(buffers, True, lambda data, kind: deserialize_message(data, types[kind]))
+    inputs.configure(sensing.ImageLimits(max_bytes=4096), camera_max_rate_hz=20.0, odom_max_rate_hz=100.0)
+
+    def image(stamp, data):
+        message = CompressedImage(format="jpeg", data=data)
+        message.header.stamp.sec, message.header.stamp.nanosec = stamp // NS, stamp % NS
+        return serialize_message(message)
+
+    def odometry(stamp, parent="odom", child="base_link", w=1.0):
+        message = Odometry()
+        message.header.stamp.sec, message.header.stamp.nanosec = stamp // NS, stamp % NS
+        message.header.frame_id, message.child_frame_id = parent, child
+        message.pose.pose.orientation.w = w
+        return serialize_message(message)
+
+    jpeg = cv2.imencode(".jpg", _frame(7))[1].tobytes()
+    assert inputs.image("a", image(T_START, jpeg), None) is None
+    assert inputs.image("a", image(T_START + NS // 100, jpeg), None) is None  # 100 Hz: decimated
+    assert buffers.counters[sensing.DECIMATED] == 1 and buffers.counters[sensing.IMAGES] == 1
+    key, reason = inputs.image("a", image(T_START + NS, bytes(8192)), None)
+    assert key.startswith(sensing.OVERSIZED) and "not deserialised" in reason
+    assert inputs.image("z", image(T_START, jpeg), None)[1] == "unknown camera 'z'"
+    # The first odometry is unusable (no orientation): it does not fix the frame.
+    assert inputs.odometry(odometry(T_START, parent="map", w=0.0), None)[0] == sensing.IMPLAUSIBLE_ODOMETRY
+    assert inputs.odometry(odometry(T_START + NS // 50), None) is None
+    key, reason = inputs.odometry(odometry(T_START + 2 * NS // 50, child="imu_link"), None)
+    assert key == sensing.FRAME_MISMATCH and "'odom' -> 'base_link'" in reason
+    assert buffers.counters[sensing.ODOMETRY] == 2
