@@ -389,6 +389,7 @@ class SensorBuffers:
         self._odometry: deque = deque()
         self._last_clock_ns: int | None = None
         self._pending_jumps: dict[str, list[int]] = {}  # per topic: stamps of a possible new timeline
+        self._track: list[tuple] = []  # odometry samples of a possible new position track
         self.generation = 0  # bumped by every reset: stamps from before it are another timeline
 
     # -- bookkeeping
@@ -405,6 +406,7 @@ class SensorBuffers:
     def _clear(self) -> None:
         self.generation += 1
         self._pending_jumps.clear()
+        self._track.clear()
         for buffer in self._images.values():
             buffer.clear()
         self._odometry.clear()
@@ -453,6 +455,34 @@ class SensorBuffers:
                   f"{topic}: stamp {back * 1e3:.0f} ms older than the newest one; dropped")
         return self._count(OUT_OF_ORDER, reason)
 
+    def _position_jump(self, sample: tuple[int, float, float, float, float]) -> str | None:
+        """A sample further from the previous one than max_speed_mps allows (lock held): dropped,
+        unless JUMP_CONFIRMATIONS consecutive samples agree on the new track (the odometry source
+        restarted): then the odometry history starts again from them."""
+        if not self._odometry:
+            return None
+        stamp, x, y = sample[:3]
+        last_stamp, last_x, last_y = self._odometry[-1][:3]
+        dt = (stamp - last_stamp) / NS
+        distance = math.hypot(x - last_x, y - last_y)
+        if distance <= self.config.max_speed_mps * dt * 1.5 + 1.0:
+            self._track.clear()
+            return None
+        track = self._track
+        if track and math.hypot(x - track[-1][1], y - track[-1][2]) > self.config.max_speed_mps * (
+                stamp - track[-1][0]) / NS * 1.5 + 1.0:
+            track.clear()  # not one new track either
+        track.append(sample)
+        if len(track) >= JUMP_CONFIRMATIONS:
+            self._odometry.clear()
+            self._count(IMPLAUSIBLE_ODOMETRY, f"odometry position jumped {distance:.3g} m and stayed there for "
+                                              f"{len(track)} samples: odometry history restarted")
+            self._odometry.extend(track[:-1])
+            track.clear()
+            return None
+        return self._count(IMPLAUSIBLE_ODOMETRY, f"odometry position jumped {distance:.3g} m in {dt:.3f} s "
+                                                 f"(faster than {self.config.max_speed_mps:g} m/s); dropped")
+
     def _count(self, kind: str, reason: str) -> str:
         """`record` with the lock already held."""
         self.counters[kind] += 1
@@ -497,6 +527,9 @@ class SensorBuffers:
                                                      f"{cfg.max_abs_position_m:g} m; dropped")
         with self._lock:
             reason = self._accept_stamp("odometry", self._odometry, stamp, now_ns)
+            if reason:
+                return reason
+            reason = self._position_jump((stamp, float(x), float(y), float(yaw), float(speed)))
             if reason:
                 return reason
             self._odometry.append((stamp, float(x), float(y), float(yaw), float(speed)))

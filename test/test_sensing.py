@@ -475,6 +475,22 @@ def test_decimator_keeps_a_stream_just_above_its_limit_close_to_the_limit():
     assert nearest.max() <= 20 * NS // 1000
 
 
+def test_odometry_position_jumps_are_dropped_and_a_restarted_source_is_followed():
+    buffers = _buffers()
+    last = _fill(buffers)  # 10 m/s along yaw 0.5
+    assert buffers.assemble(now_ns=last + NS // 20)[0] is not None
+    # One sample 1 km away (a plausible twist): dropped, the history is untouched.
+    reason = buffers.add_odometry(last + NS // 50, 1000.0, 0.0, 0.5, 10.0)
+    assert "position jumped" in reason and buffers.counters[sensing.IMPLAUSIBLE_ODOMETRY] == 1
+    frame, _ = buffers.assemble(now_ns=last + NS // 20)
+    assert frame is not None and np.abs(frame.history_xyz).max() < 20.0
+    # The source restarts at the origin: after JUMP_CONFIRMATIONS agreeing samples it is followed.
+    for i in range(1, sensing.JUMP_CONFIRMATIONS + 1):
+        result = buffers.add_odometry(last + (1 + i) * NS // 50, 0.2 * i, 0.0, 0.0, 10.0)
+    assert result is None and "history restarted" in buffers.last_reasons[sensing.IMPLAUSIBLE_ODOMETRY]
+    assert buffers.counters[sensing.ODOMETRY] > 0 and buffers._odometry[0][1] == pytest.approx(0.2)
+
+
 def test_sensor_inputs_from_serialized_messages():
     """The node's path: serialized bytes -> decimation by header stamp -> size cap before
     deserialisation -> decoding -> buffers; the odometry frame is learnt from accepted samples."""
