@@ -78,7 +78,7 @@ class NodeConfig:
     qos_depth: int = _param(10, "queue depth of the sensor-data subscriptions", low=1, high=1000)
     resize_images: bool = _param(True, "resize images of another size to the model's (false: reject them)",
                                  runtime=True)
-    camera_max_rate_hz: float = _param(40.0, "camera frames above this rate are dropped before decoding (0 = keep all; "
+    camera_max_rate_hz: float = _param(25.0, "camera frames above this rate are dropped before decoding (0 = keep all; "
                                        "at least 1 / frame_tolerance_s)",
                                        low=0.0, high=10000.0, runtime=True)
     odom_max_rate_hz: float = _param(100.0, "odometry above this rate is dropped before deserialisation (0 = keep all)",
