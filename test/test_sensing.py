@@ -464,8 +464,8 @@ def test_decimator_keeps_one_message_per_period_and_passes_old_stamps():
 
 
 def test_decimator_keeps_a_stream_just_above_its_limit_close_to_the_limit():
-    """A 50 Hz camera under the default 40 Hz limit (22.5 ms with the node's 10 % margin) keeps
-    about 44 Hz, spread so that every 10 Hz instant has a frame within half the 40 ms tolerance."""
+    """A 50 Hz camera under a 40 Hz limit (22.5 ms with the node's 10 % margin) keeps about 44 Hz,
+    spread so that every 10 Hz instant has a frame within half the 40 ms tolerance."""
     decimator = sensing.Decimator(225 * NS // 10000)
     stamps = [T_START + i * 20 * NS // 1000 for i in range(500)]  # 10 s at 50 Hz
     kept = np.array([s for s in stamps if decimator.keep(s)])
