@@ -69,27 +69,54 @@ class DecoderConfig:
 
 @dataclass
 class VisionConfig:
-    image_height: int = 48
-    image_width: int = 96
-    patch_size: int = 8
+    """Qwen3-VL's vision tower (the fields of transformers' Qwen3VLVisionConfig) and the image
+    processor's settings (image_mean / image_std, and the camera frame size the model is fed,
+    a multiple of patch_size * spatial_merge_size)."""
+
+    depth: int = 3
     hidden_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
+    hidden_act: str = "gelu_pytorch_tanh"
     intermediate_size: int = 512
-    merge_size: int = 2
+    num_heads: int = 4
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
     out_hidden_size: int | None = None  # None -> the decoder's hidden size (set by TargetConfig)
+    num_position_embeddings: int = 64
+    deepstack_visual_indexes: list[int] = field(default_factory=lambda: [0, 1])
+    rope_theta: float = 10000.0
+    image_height: int = 64
+    image_width: int = 128
+    image_mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    image_std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def __post_init__(self) -> None:
+        self.deepstack_visual_indexes = list(self.deepstack_visual_indexes)
+        step = self.patch_size * self.spatial_merge_size
+        if self.image_height % step or self.image_width % step:
+            raise ValueError(f"image size {self.image_width}x{self.image_height} must be a multiple of {step}")
+        if any(not 0 <= i < self.depth for i in self.deepstack_visual_indexes):
+            raise ValueError(f"deepstack_visual_indexes {self.deepstack_visual_indexes} outside 0..{self.depth - 1}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
 
     @property
     def grid(self) -> tuple[int, int]:
         """(rows, cols) of merged tokens per image: the image block's M-RoPE grid."""
-        step = self.patch_size * self.merge_size
-        assert self.image_height % step == 0 and self.image_width % step == 0
+        step = self.patch_size * self.spatial_merge_size
         return self.image_height // step, self.image_width // step
 
     @property
     def tokens_per_image(self) -> int:
         rows, cols = self.grid
         return rows * cols
+
+    @property
+    def num_patches(self) -> int:
+        return self.tokens_per_image * self.spatial_merge_size ** 2
 
 
 @dataclass
@@ -106,16 +133,21 @@ class ExpertConfig:
 
 @dataclass
 class TargetConfig:
+    """The whole target. `expert` is None for a bare Qwen3-VL checkpoint (no trajectory head)."""
+
     decoder: DecoderConfig
     vision: VisionConfig = field(default_factory=VisionConfig)
-    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    expert: ExpertConfig | None = field(default_factory=ExpertConfig)
     image_pad_id: int = -1  # id of <|image_pad|>; set from the tokenizer
 
     def __post_init__(self) -> None:
         if self.vision.out_hidden_size is None:
             self.vision.out_hidden_size = self.decoder.hidden_size
-        assert self.vision.out_hidden_size == self.decoder.hidden_size
-        assert self.expert.num_heads % self.decoder.num_kv_heads == 0
+        if self.vision.out_hidden_size != self.decoder.hidden_size:
+            raise ValueError(f"vision out_hidden_size {self.vision.out_hidden_size} != decoder hidden_size "
+                             f"{self.decoder.hidden_size}")
+        if self.expert is not None and self.expert.num_heads % self.decoder.num_kv_heads:
+            raise ValueError("the expert's heads must be a multiple of the decoder's KV heads")
 
     @classmethod
     def tiny(cls, vocab_size: int, image_pad_id: int) -> "TargetConfig":
@@ -123,7 +155,7 @@ class TargetConfig:
         return cls(
             decoder=DecoderConfig(vocab_size=vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                                   head_dim=16, intermediate_size=128, max_positions=400),
-            vision=VisionConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+            vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64),
             expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
             image_pad_id=image_pad_id,
         )

@@ -2,9 +2,8 @@
 
 Parameter names are those of transformers' Qwen3VLTextModel (embed_tokens, layers.i.self_attn.
 q_proj ..., norm) plus lm_head, so a real Qwen3-VL checkpoint loads with a prefix strip
-(`load_hf_text_weights`). Deepstack (adding vision-encoder features to the first decoder
-layers' hidden states at image positions) is not implemented: our vision encoder feeds the
-decoder only through the image-token embeddings.
+(`load_hf_text_weights`). Deepstack: the vision tower's early-block features are added to the
+hidden states after the first decoder layers, at the image positions only.
 """
 from __future__ import annotations
 
@@ -152,6 +151,7 @@ class Decoder(nn.Module):
         cache: KVCache | None = None,
         return_hidden_layers: Sequence[int] = (),
         num_logits: int | None = None,
+        deepstack: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor]]:
         """Run the stack over T new tokens.
 
@@ -160,6 +160,8 @@ class Decoder(nn.Module):
         the cache advances by T. return_hidden_layers: indices i whose block output (before the
         final norm) is returned, in that order (EAGLE-3 fuses low/mid/high features).
         num_logits: only project the last n positions through lm_head (saves time at prefill).
+        deepstack [L, B, T, D]: added to the output of layer i < L; zero except at image positions
+        (`TargetVLA.build_inputs_embeds` lays it out), so adding it everywhere is exact.
         Returns logits [B, T or n, vocab] and the list of requested hidden states [B, T, D].
         """
         T = inputs_embeds.shape[1]
@@ -172,6 +174,8 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.layers):
             hook = partial(cache.append, i) if cache is not None else None
             x = layer(x, cos, sin, hook, mask)
+            if deepstack is not None and i < deepstack.shape[0]:
+                x = x + deepstack[i].to(x.dtype)
             if i in wanted:
                 saved[i] = x
         if cache is not None:

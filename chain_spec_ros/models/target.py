@@ -1,4 +1,4 @@
-"""TargetVLA: vision encoder + Qwen3-VL text decoder + flow-matching trajectory expert.
+"""TargetVLA: Qwen3-VL (vision tower + text decoder) + Alpamayo-R1's flow-matching trajectory expert.
 
 The API follows the stages a planner runs: encode images, prefill the prompt with 3-D M-RoPE
 positions, decode (one token, or k+1 tokens in a speculative verify pass) with text positions
@@ -19,7 +19,7 @@ from .decoder import Decoder
 from .expert import Trajectory, TrajectoryExpert, trajectory_from_actions
 from .kv_cache import KVCache
 from .rope import text_position_ids
-from .vision import VisionEncoder
+from .vision import VisionTower, VisualFeatures
 
 
 def splice_image_embeds(embeds: Tensor, is_pad: Tensor, image_embeds: Tensor | None) -> Tensor:
@@ -38,13 +38,23 @@ def splice_image_embeds(embeds: Tensor, is_pad: Tensor, image_embeds: Tensor | N
     return embeds
 
 
+def scatter_deepstack(is_pad: Tensor, deepstack: Tensor, dtype: torch.dtype) -> Tensor | None:
+    """Deepstack features [L, N, tokens, D] laid out at the image positions of a batch (is_pad
+    [B, T]) -> [L, B, T, D], zero elsewhere; None when the tower has no deepstack layers."""
+    if deepstack.shape[0] == 0:
+        return None
+    dense = deepstack.new_zeros(deepstack.shape[0], *is_pad.shape, deepstack.shape[-1], dtype=dtype)
+    dense[:, is_pad] = deepstack.reshape(deepstack.shape[0], -1, deepstack.shape[-1]).to(dtype)
+    return dense
+
+
 class TargetVLA(nn.Module):
     def __init__(self, cfg: TargetConfig):
         super().__init__()
         self.cfg = cfg
-        self.vision = VisionEncoder(cfg.vision)
+        self.vision = VisionTower(cfg.vision)
         self.decoder = Decoder(cfg.decoder)
-        self.expert = TrajectoryExpert(cfg.expert, cfg.decoder)
+        self.expert = TrajectoryExpert(cfg.expert, cfg.decoder) if cfg.expert is not None else None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -58,29 +68,33 @@ class TargetVLA(nn.Module):
         p = next(self.parameters())
         return KVCache.for_config(self.cfg.decoder, batch_size, max_len, p.dtype, p.device)
 
-    def encode_images(self, images: Tensor) -> Tensor:
-        """[N, H, W, 3] uint8 or [N, 3, H, W] float in [0, 1] -> [N, tokens_per_image, D]."""
+    def encode_images(self, images: Tensor) -> VisualFeatures:
+        """Camera frames [N, H, W, 3] uint8 BGR -> merged image tokens and deepstack features."""
         return self.vision(images)
 
-    def build_inputs_embeds(self, input_ids: Tensor, image_embeds: Tensor | None,
-                            image_pad_id: int | None = None) -> Tensor:
-        """Token embeddings with every <|image_pad|> replaced, in order, by the next image token.
+    def build_inputs_embeds(self, input_ids: Tensor, visual: VisualFeatures | None
+                            ) -> tuple[Tensor, Tensor | None]:
+        """Token embeddings with every <|image_pad|> replaced, in order, by the next image token,
+        and the deepstack features laid out at the same positions (`scatter_deepstack`).
 
-        input_ids [B, T]; image_embeds [N, tokens_per_image, D] or [M, D], images of sample 0
-        first. The pad count must equal the number of image tokens.
+        input_ids [B, T]; visual from `encode_images`, images of sample 0 first. The pad count
+        must equal the number of image tokens.
         """
-        pad = self.cfg.image_pad_id if image_pad_id is None else image_pad_id
-        return splice_image_embeds(self.decoder.embed(input_ids), input_ids == pad, image_embeds)
+        is_pad = input_ids == self.cfg.image_pad_id
+        embeds = splice_image_embeds(self.decoder.embed(input_ids), is_pad, None if visual is None else visual.embeds)
+        deepstack = None if visual is None else scatter_deepstack(is_pad, visual.deepstack, embeds.dtype)
+        return embeds, deepstack
 
-    def prefill(self, input_ids: Tensor, image_embeds: Tensor | None, position_ids: Tensor,
-                cache: KVCache, return_hidden_layers: Sequence[int] = (),
+    def prefill(self, input_ids: Tensor, visual: VisualFeatures | None, position_ids: Tensor,
+                cache: KVCache | None, return_hidden_layers: Sequence[int] = (),
                 num_logits: int | None = None) -> tuple[Tensor, list[Tensor]]:
-        """Run the prompt into the cache. position_ids [3, T] (shared by the batch) or [3, B, T],
-        from `rope.mrope_position_ids`. Returns logits and requested hidden states."""
+        """Run the prompt (into the cache, when one is given). position_ids [3, T] (shared by the
+        batch) or [3, B, T], from `rope.mrope_position_ids`. Returns logits and requested hidden
+        states."""
         if position_ids.dim() == 2:
             position_ids = position_ids[:, None].expand(-1, input_ids.shape[0], -1)
-        embeds = self.build_inputs_embeds(input_ids, image_embeds)
-        return self.decoder(embeds, position_ids, cache, return_hidden_layers, num_logits)
+        embeds, deepstack = self.build_inputs_embeds(input_ids, visual)
+        return self.decoder(embeds, position_ids, cache, return_hidden_layers, num_logits, deepstack)
 
     def decode(self, token_ids: Tensor, cache: KVCache, rope_delta: int | Tensor,
                return_hidden_layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
