@@ -20,6 +20,8 @@ import torch
 from .config import TargetConfig
 from .hf_format import (QWEN3_VL_PREFIXES, CheckpointError, check_state, qwen3vl_configs, read_json,
                         read_safetensors, rename)
+from .alpamayo import (ALPAMAYO_PREFIXES, OPTIONAL_KEYS, alpamayo_state, alpamayo_target_config, default_action_stats,
+                       vlm_directory)
 from .target import TargetVLA
 
 PROJECT_FILE = "chain_spec.json"  # {"image_height": H, "image_width": W}
@@ -50,28 +52,35 @@ def load_target(directory: str | Path, image_size: tuple[int, int] | None = None
     if model_type == "qwen3_vl":
         decoder, vision, image_pad = qwen3vl_configs(config, f"{directory / 'config.json'}", size, preprocessor)
         model = TargetVLA(TargetConfig(decoder=decoder, vision=vision, expert=None, image_pad_id=image_pad))
-        prefixes = QWEN3_VL_PREFIXES
+        load_state(model, read_safetensors(directory), QWEN3_VL_PREFIXES, str(directory))
     elif model_type == "alpamayo_r1":
-        from .alpamayo import alpamayo_target_config, ALPAMAYO_PREFIXES
-
+        if preprocessor is None and (vlm_directory(config, directory) / "preprocessor_config.json").is_file():
+            preprocessor = read_json(vlm_directory(config, directory) / "preprocessor_config.json")
+        if image_size is None and (vlm_directory(config, directory) / PROJECT_FILE).is_file():
+            size = frame_size(vlm_directory(config, directory), None)
         model = TargetVLA(alpamayo_target_config(config, directory, size, preprocessor))
-        prefixes = ALPAMAYO_PREFIXES
+        found = alpamayo_state(directory, config)
+        default_action_stats(model.state_dict(), config, found)
+        load_state(model, found, ALPAMAYO_PREFIXES, str(directory), optional=OPTIONAL_KEYS)
     else:
         raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is neither 'qwen3_vl' "
                               f"nor 'alpamayo_r1'")
-    load_state(model, read_safetensors(directory), prefixes, str(directory))
     return model.to(device)
 
 
-def load_state(model: TargetVLA, found: dict[str, torch.Tensor], prefixes, where: str) -> None:
+def load_state(model: TargetVLA, found: dict[str, torch.Tensor], prefixes, where: str,
+               optional: tuple[str, ...] = ()) -> None:
+    """Check `found` (in the checkpoint's names) against the model and load it. Keys containing
+    one of `optional` may be absent (the model keeps its own values)."""
     expected = rename(model.state_dict(), prefixes, to_theirs=True)
-    tied = model.cfg.decoder.tie_word_embeddings
     lm_head = rename({"decoder.lm_head.weight": None}, prefixes, to_theirs=True)
-    check_state(expected, found, where, optional=tuple(lm_head) if tied else ())
+    tied = model.cfg.decoder.tie_word_embeddings
+    may_miss = tuple(k for k in expected if any(part in k for part in optional)) + (tuple(lm_head) if tied else ())
+    check_state(expected, found, where, optional=may_miss)
     state = rename(found, prefixes, to_theirs=False)
     if tied:
         state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
 
 
 def write_project_file(directory: Path, model: TargetVLA) -> None:

@@ -121,7 +121,11 @@ class VisionConfig:
 
 @dataclass
 class ExpertConfig:
-    """Layer count, KV heads and head_dim come from the decoder (the expert reads its cache)."""
+    """Alpamayo-R1's trajectory side. Layer count, KV heads and head_dim come from the decoder
+    (the expert reads its cache); the rest are the release's expert_cfg overrides (hidden_size,
+    num_heads, intermediate_size), action_in_proj_cfg (proj_hidden_size, proj_layers,
+    fourier_features, max_freq), action space (horizon, action_dim) and diffusion_cfg
+    (euler_steps)."""
 
     hidden_size: int = 128
     num_heads: int = 4
@@ -129,6 +133,10 @@ class ExpertConfig:
     horizon: int = 64  # waypoints at 10 Hz
     action_dim: int = 2  # (acceleration, curvature)
     euler_steps: int = 10
+    proj_hidden_size: int = 256
+    proj_layers: int = 4
+    fourier_features: int = 20
+    max_freq: float = 100.0
 
 
 @dataclass
@@ -156,7 +164,7 @@ class TargetConfig:
             decoder=DecoderConfig(vocab_size=vocab_size, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
                                   head_dim=16, intermediate_size=128, max_positions=400),
             vision=VisionConfig(depth=2, hidden_size=32, num_heads=2, intermediate_size=64),
-            expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64),
+            expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64, proj_hidden_size=32),
             image_pad_id=image_pad_id,
         )
 
@@ -168,7 +176,7 @@ class TargetConfig:
         return cls(
             decoder=DecoderConfig(**d["decoder"]),
             vision=VisionConfig(**d.get("vision", {})),
-            expert=ExpertConfig(**d.get("expert", {})),
+            expert=ExpertConfig(**d["expert"]) if d.get("expert") else None,
             image_pad_id=d.get("image_pad_id", -1),
         )
 

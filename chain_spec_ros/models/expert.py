@@ -1,11 +1,13 @@
-"""Flow-matching trajectory expert (Alpamayo-R1's action head, at small scale).
+"""Alpamayo-R1's trajectory side: the expert, its action projections, the flow and the action space.
 
-64 action query tokens, one per future waypoint (10 Hz, 6.4 s), hold a noisy (acceleration,
-curvature) sequence. Layer i of the expert attends, without a causal mask, over the decoder's
-cached layer-i keys/values for the prompt + CoC plus the action tokens' own keys/values, which is
-why the expert has the decoder's layer count and KV shape but may be narrower. The expert
-predicts the rectified-flow velocity (data - noise); sampling integrates it with a few Euler
-steps from Gaussian noise at t=0 to data at t=1.
+64 action tokens, one per future waypoint (10 Hz, 6.4 s), hold a noisy (acceleration, curvature)
+pair. `action_in_proj` encodes each pair and the flow time with Fourier features and an MLP;
+the expert is a Qwen3-VL text model made from the VLM's text config with the expert overrides
+(so it keeps the VLM's layer count, KV heads and head_dim) and without token embeddings: layer i
+attends, without a causal mask, over the VLM's cached layer-i keys/values for prompt + CoC plus
+the action tokens' own. `action_out_proj` reads the flow velocity (data - noise) off the last
+hidden states; sampling integrates it with Euler steps from Gaussian noise at t=0 to data at
+t=1. The unicycle action space normalises the actions and integrates them into a path.
 """
 from __future__ import annotations
 
@@ -23,43 +25,91 @@ from .kv_cache import KVCache
 from .rope import RotaryEmbedding, text_position_ids
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
-    """Sinusoidal features of flow time t [B] in [0, 1] -> [B, dim]. t is scaled by 1000 so the
-    low frequencies still vary over [0, 1]."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
-    return torch.cat([args.cos(), args.sin()], dim=-1)
-
-
 def prepend(prefix_k: Tensor, prefix_v: Tensor) -> KVHook:
     """KV hook: attend over the decoder's cached prefix followed by the action tokens' own k, v."""
     return lambda k, v: (torch.cat([prefix_k, k], dim=2), torch.cat([prefix_v, v], dim=2))
 
 
-class ActionNormalizer(nn.Module):
-    """Per-channel mean/std of (acceleration, curvature), kept as buffers so they are saved
-    with the weights. Flow matching wants targets of unit scale."""
+class FourierFeatures(nn.Module):
+    """sqrt(2) * [sin(2 pi f x), cos(2 pi f x)] for `dim / 2` frequencies spaced
+    logarithmically from 1 to max_freq."""
 
-    def __init__(self, action_dim: int = 2):
+    def __init__(self, dim: int, max_freq: float):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(action_dim))
-        self.register_buffer("std", torch.ones(action_dim))
+        self.out_dim = dim
+        self.register_buffer("freqs", torch.logspace(0, math.log10(max_freq), steps=dim // 2)[None, :])
 
-    @classmethod
-    def from_stats(cls, mean, std) -> "ActionNormalizer":
-        """A normalizer holding these per-channel statistics (e.g. those an export recorded)."""
-        normalizer = cls(len(mean))
-        normalizer.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        normalizer.std.copy_(torch.as_tensor(std, dtype=torch.float32))
-        return normalizer
+    def forward(self, x: Tensor) -> Tensor:
+        angle = x[..., None] * self.freqs * 2 * math.pi
+        return torch.cat([angle.sin(), angle.cos()], dim=-1) * math.sqrt(2)
+
+
+class MLPEncoder(nn.Module):
+    """Linear + SiLU, then (layers - 1) x [RMSNorm, Linear, SiLU], then RMSNorm + Linear out."""
+
+    def __init__(self, in_features: int, layers: int, hidden: int, out_features: int):
+        super().__init__()
+        trunk: list[nn.Module] = [nn.Linear(in_features, hidden), nn.SiLU()]
+        for _ in range(layers - 1):
+            trunk += [RMSNorm(hidden, 1e-5), nn.Linear(hidden, hidden), nn.SiLU()]
+        trunk += [RMSNorm(hidden, 1e-5), nn.Linear(hidden, out_features)]
+        self.trunk = nn.Sequential(*trunk)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.trunk(x)
+
+
+class ActionInProjection(nn.Module):
+    """Alpamayo's per-waypoint input projection: Fourier features of each action channel and of
+    the flow time, concatenated, through the MLP encoder and a LayerNorm."""
+
+    def __init__(self, cfg: ExpertConfig):
+        super().__init__()
+        self.sinus = nn.ModuleList(FourierFeatures(cfg.fourier_features, cfg.max_freq) for _ in range(cfg.action_dim))
+        self.timestep_fourier_encoder = FourierFeatures(cfg.fourier_features, cfg.max_freq)
+        features = cfg.fourier_features * (cfg.action_dim + 1)
+        self.encoder = MLPEncoder(features, cfg.proj_layers, cfg.proj_hidden_size, cfg.hidden_size)
+        self.norm = nn.LayerNorm(cfg.hidden_size)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """x [B, H, action_dim], t [B] -> [B, H, hidden]."""
+        B, H, _ = x.shape
+        actions = torch.cat([encode(x[:, :, i].float()) for i, encode in enumerate(self.sinus)], dim=-1)
+        time = self.timestep_fourier_encoder(t.float())[:, None].expand(B, H, -1)
+        features = torch.cat([actions, time], dim=-1).to(self.norm.weight.dtype)
+        return self.norm(self.encoder(features))
+
+
+class UnicycleActionSpace(nn.Module):
+    """(acceleration, curvature) per 0.1 s step: per-channel normalisation with the statistics
+    kept as buffers (saved with the weights), and the integration into a path."""
+
+    def __init__(self, dt: float = STEP_SECONDS):
+        super().__init__()
+        self.dt = dt
+        for name, value in (("accel_mean", 0.0), ("accel_std", 1.0), ("curvature_mean", 0.0), ("curvature_std", 1.0)):
+            self.register_buffer(name, torch.tensor(value))
+
+    @property
+    def mean(self) -> Tensor:
+        return torch.stack([self.accel_mean, self.curvature_mean])
+
+    @property
+    def std(self) -> Tensor:
+        return torch.stack([self.accel_std, self.curvature_std])
+
+    def set_stats(self, mean, std) -> "UnicycleActionSpace":
+        mean, std = (torch.as_tensor(v, dtype=torch.float32) for v in (mean, std))
+        for name, value in (("accel_mean", mean[0]), ("accel_std", std[0]), ("curvature_mean", mean[1]),
+                            ("curvature_std", std[1])):
+            getattr(self, name).copy_(value)
+        return self
 
     @torch.no_grad()
     def fit(self, actions: Tensor) -> None:
-        """actions [..., action_dim] from the training set."""
+        """actions [..., 2] from the training set."""
         flat = actions.reshape(-1, actions.shape[-1]).float()
-        self.mean.copy_(flat.mean(0))
-        self.std.copy_(flat.std(0).clamp_min(1e-6))
+        self.set_stats(flat.mean(0), flat.std(0).clamp_min(1e-6))
 
     def normalize(self, actions: Tensor) -> Tensor:
         return (actions - self.mean) / self.std
@@ -72,34 +122,30 @@ class TrajectoryExpert(nn.Module):
     def __init__(self, cfg: ExpertConfig, dec: DecoderConfig):
         super().__init__()
         self.cfg = cfg
-        h = cfg.hidden_size
-        self.action_in = nn.Linear(cfg.action_dim, h)
-        self.time_mlp = nn.Sequential(nn.Linear(h, h), nn.SiLU(), nn.Linear(h, h))
-        self.step_embed = nn.Parameter(torch.randn(cfg.horizon, h) * 0.02)
+        self.action_in_proj = ActionInProjection(cfg)
         self.layers = nn.ModuleList(
-            DecoderLayer(h, cfg.num_heads, dec.num_kv_heads, dec.head_dim, cfg.intermediate_size,
+            DecoderLayer(cfg.hidden_size, cfg.num_heads, dec.num_kv_heads, dec.head_dim, cfg.intermediate_size,
                          dec.rms_norm_eps)
             for _ in range(dec.num_layers)
         )
-        self.norm = RMSNorm(h, dec.rms_norm_eps)
-        self.action_out = nn.Linear(h, cfg.action_dim)
+        self.norm = RMSNorm(cfg.hidden_size, dec.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(dec.head_dim, dec.rope_theta, dec.mrope_section)
-        self.normalizer = ActionNormalizer(cfg.action_dim)
+        self.action_out_proj = nn.Linear(cfg.hidden_size, cfg.action_dim)
+        self.action_space = UnicycleActionSpace()
 
     def forward(self, x_t: Tensor, t: Tensor, cache: KVCache, rope_delta: int | Tensor,
                 prefix_lengths: Tensor | None = None) -> Tensor:
         """Velocity [B, H, action_dim] for noisy actions x_t [B, H, action_dim] at flow time t [B].
 
-        cache: the decoder's cache holding prompt + CoC (read only). Its batch is 1 or B.
-        Action token i sits at text position cache.length + rope_delta + i, as if it were the
-        next text token, so it is rotated consistently with the cached keys.
+        cache: the decoder's cache holding prompt + CoC + `<|traj_future_start|>` (read only); its
+        batch is 1 or B. Action token i sits at text position cache.length + rope_delta + i, the
+        positions right after `<|traj_future_start|>`, as Alpamayo places them.
         prefix_lengths [B]: for a batch whose CoCs differ in length (training), the valid cache
         length of each sample; keys past it are masked and positions continue from it.
         """
         B, H, _ = x_t.shape
-        time = self.time_mlp(timestep_embedding(t, self.cfg.hidden_size))
-        x = self.action_in(x_t) + time[:, None] + self.step_embed[:H]
-        mask = None  # by default every action token sees the whole prefix and each other
+        x = self.action_in_proj(x_t, t)
+        mask = None  # every action token sees the whole prefix and each other
         if prefix_lengths is None:
             pos = text_position_ids(cache.length, H, rope_delta, x.device).expand(B, H)
         else:
@@ -110,20 +156,20 @@ class TrajectoryExpert(nn.Module):
         for i, layer in enumerate(self.layers):
             pk, pv = cache.get(i)
             x = layer(x, cos, sin, prepend(pk.expand(B, -1, -1, -1), pv.expand(B, -1, -1, -1)), mask=mask)
-        return self.action_out(self.norm(x))
+        return self.action_out_proj(self.norm(x))
 
     def flow_matching_loss(self, cache: KVCache, rope_delta: int | Tensor, target_actions: Tensor,
                            generator: torch.Generator | None = None,
                            prefix_lengths: Tensor | None = None) -> Tensor:
-        """Rectified-flow loss on normalised target actions [B, H, action_dim].
-
-        x_t = (1 - t) * noise + t * data, target velocity = data - noise. Gradients reach the
-        decoder only if the cache was filled with grad enabled.
-        """
+        """Flow-matching loss on normalised target actions [B, H, action_dim], as Alpamayo trains
+        it: x_t = t * data + (1 - t) * noise, velocity target data - noise, t = 0.999 (1 - s)
+        with s ~ Beta(1.5, 1), which leans toward the noisy end. Gradients reach the decoder only
+        if the cache was filled with grad enabled."""
         x1 = target_actions
         B = x1.shape[0]
         x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype)
-        t = torch.rand(B, generator=generator, device=x1.device, dtype=x1.dtype)
+        s = torch.distributions.Beta(torch.tensor(1.5), torch.tensor(1.0)).sample((B,)).to(x1.device, x1.dtype)
+        t = 0.999 * (1 - s)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1
         return F.mse_loss(self(x_t, t, cache, rope_delta, prefix_lengths), x1 - x0)
 
@@ -136,7 +182,7 @@ class TrajectoryExpert(nn.Module):
         `noise` [B, H, dim] fixes the starting point (e.g. the same noise for every row, so rows
         differ only through what they read from the cache)."""
         B = batch_size or cache.batch_size
-        dev = self.action_in.weight.device
+        dev = self.action_out_proj.weight.device
         x = noise.to(dev) if noise is not None else torch.randn(
             B, self.cfg.horizon, self.cfg.action_dim, generator=generator, device=dev)
         return integrate_flow(lambda x, t: self(x, torch.full((x.shape[0],), t, device=dev), cache, rope_delta), x,
@@ -164,29 +210,23 @@ class Trajectory(NamedTuple):
 
 def integrate_unicycle(accel: Tensor, curvature: Tensor, v0: Tensor | float, dt: float = STEP_SECONDS
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Roll a unicycle forward from the origin (heading 0, x forward, y left) at speed v0.
+    """Alpamayo's unicycle from the origin (heading 0, x forward, y left) at speed v0.
 
     accel, curvature [..., H] hold per-step controls; v0 is a scalar or [...]. Waypoint k is the
-    state after k + 1 steps. Speed is clamped at >= 0 (no reversing); each step moves the
-    trapezoidal distance ds along an exact circular arc of the step's curvature (the chord has
-    length ds * sinc(dyaw / 2) and heading yaw + dyaw / 2), so constant curvature traces an exact
-    circle. Returns x, y, yaw, speed, each [..., H].
+    state after k + 1 steps: v_{k+1} = v_k + a_k dt; theta_{k+1} = theta_k + kappa_k (v_k dt +
+    a_k dt^2 / 2), the heading change over the distance the step travels; x and y by the
+    trapezoid rule over the two ends' velocity vectors. No clamping, as in the release: a
+    plan whose speed goes negative is one `planner.check_plan` refuses. Returns x, y, yaw,
+    speed, each [..., H].
     """
-    v0 = torch.as_tensor(v0, dtype=accel.dtype, device=accel.device)
-    speed = v0.expand(accel.shape[:-1])
-    x = y = yaw = torch.zeros_like(speed)
-    out: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
-    for k in range(accel.shape[-1]):
-        next_speed = (speed + accel[..., k] * dt).clamp_min(0.0)
-        ds = 0.5 * (speed + next_speed) * dt
-        dyaw = curvature[..., k] * ds
-        chord = ds * torch.sinc(dyaw / (2 * math.pi))  # torch.sinc(u) = sin(pi u) / (pi u)
-        x = x + chord * torch.cos(yaw + dyaw / 2)
-        y = y + chord * torch.sin(yaw + dyaw / 2)
-        yaw, speed = yaw + dyaw, next_speed
-        out.append((x, y, yaw, speed))
-    xs, ys, yaws, speeds = (torch.stack(seq, dim=-1) for seq in zip(*out))
-    return xs, ys, yaws, speeds
+    v0 = torch.as_tensor(v0, dtype=accel.dtype, device=accel.device).expand(accel.shape[:-1])
+    speed = torch.cat([v0[..., None], v0[..., None] + torch.cumsum(accel * dt, dim=-1)], dim=-1)
+    turn = curvature * (speed[..., :-1] * dt + 0.5 * accel * dt * dt)
+    yaw = torch.cat([torch.zeros_like(v0)[..., None], torch.cumsum(turn, dim=-1)], dim=-1)
+    vx, vy = speed * torch.cos(yaw), speed * torch.sin(yaw)
+    x = torch.cumsum(0.5 * dt * (vx[..., :-1] + vx[..., 1:]), dim=-1)
+    y = torch.cumsum(0.5 * dt * (vy[..., :-1] + vy[..., 1:]), dim=-1)
+    return x, y, yaw[..., 1:], speed[..., 1:]
 
 
 def trajectory_from_actions(actions: Tensor, v0: Tensor | float, dt: float = STEP_SECONDS) -> Trajectory:

@@ -113,7 +113,7 @@ class TargetVLA(nn.Module):
                    dt: float = STEP_SECONDS, noise: Tensor | None = None) -> Trajectory:
         """Sample (accel, curvature) from the expert given the cache (prompt + CoC), denormalise,
         and integrate from current speed v0 [B] or scalar."""
-        actions = self.expert.normalizer.denormalize(
+        actions = self.expert.action_space.denormalize(
             self.expert.sample(cache, rope_delta, steps, generator, noise=noise))
         return trajectory_from_actions(actions, v0, dt)
 
