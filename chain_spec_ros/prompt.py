@@ -17,8 +17,11 @@ from .models.rope import mrope_position_ids
 from .models.tokenizer import ChainTokenizer
 from .trajectory import HISTORY_TOKENS, future_bins
 
-SYSTEM_TEXT = "<|im_start|>system\nYou are a driving planner: explain the decision, then drive.<|im_end|>\n<|im_start|>user\n"
-INSTRUCTION_TEXT = "Give the driving decision and its cause, then the trajectory.<|im_end|>\n<|im_start|>assistant\n"
+# Alpamayo-R1's inference message through Qwen3-VL's chat template, the assistant turn left open.
+SYSTEM_TEXT = ("<|im_start|>system\nYou are a driving assistant that generates safe and accurate actions.<|im_end|>\n"
+               "<|im_start|>user\n")
+INSTRUCTION_TEXT = ("output the chain-of-thought reasoning of the driving process, then output the future trajectory."
+                    "<|im_end|>\n<|im_start|>assistant\n")
 
 
 @dataclass

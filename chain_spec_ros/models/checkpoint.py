@@ -37,34 +37,42 @@ def frame_size(directory: Path, image_size: tuple[int, int] | None) -> tuple[int
     return DEFAULT_IMAGE_SIZE
 
 
+def preprocessor_of(directory: Path) -> dict[str, Any] | None:
+    path = directory / "preprocessor_config.json"
+    return read_json(path) if path.is_file() else None
+
+
+def load_target_config(directory: str | Path, image_size: tuple[int, int] | None = None) -> TargetConfig:
+    """The configuration of a checkpoint directory (either layout), without its weights."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a directory")
+    config = read_json(directory / "config.json")
+    size = frame_size(directory, image_size)
+    if config.get("model_type") == "qwen3_vl":
+        decoder, vision, image_pad = qwen3vl_configs(config, str(directory / "config.json"), size,
+                                                     preprocessor_of(directory))
+        return TargetConfig(decoder=decoder, vision=vision, expert=None, image_pad_id=image_pad)
+    if config.get("model_type") == "alpamayo_r1":
+        preprocessor = preprocessor_of(directory) or preprocessor_of(vlm_directory(config, directory))
+        return alpamayo_target_config(config, directory, size, preprocessor)
+    raise CheckpointError(f"{directory / 'config.json'}: model_type {config.get('model_type')!r} is neither "
+                          f"'qwen3_vl' nor 'alpamayo_r1'")
+
+
 def load_target(directory: str | Path, image_size: tuple[int, int] | None = None,
                 device: torch.device | str = "cpu") -> TargetVLA:
     """A TargetVLA from a checkpoint directory (either layout); CheckpointError names what is
     wrong with a malformed one."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory")
+    model = TargetVLA(load_target_config(directory, image_size))
     config = read_json(directory / "config.json")
-    model_type = config.get("model_type")
-    preprocessor = read_json(directory / "preprocessor_config.json") if (
-        directory / "preprocessor_config.json").is_file() else None
-    size = frame_size(directory, image_size)
-    if model_type == "qwen3_vl":
-        decoder, vision, image_pad = qwen3vl_configs(config, f"{directory / 'config.json'}", size, preprocessor)
-        model = TargetVLA(TargetConfig(decoder=decoder, vision=vision, expert=None, image_pad_id=image_pad))
+    if model.cfg.expert is None:
         load_state(model, read_safetensors(directory), QWEN3_VL_PREFIXES, str(directory))
-    elif model_type == "alpamayo_r1":
-        if preprocessor is None and (vlm_directory(config, directory) / "preprocessor_config.json").is_file():
-            preprocessor = read_json(vlm_directory(config, directory) / "preprocessor_config.json")
-        if image_size is None and (vlm_directory(config, directory) / PROJECT_FILE).is_file():
-            size = frame_size(vlm_directory(config, directory), None)
-        model = TargetVLA(alpamayo_target_config(config, directory, size, preprocessor))
+    else:
         found = alpamayo_state(directory, config)
         default_action_stats(model.state_dict(), config, found)
         load_state(model, found, ALPAMAYO_PREFIXES, str(directory), optional=OPTIONAL_KEYS)
-    else:
-        raise CheckpointError(f"{directory / 'config.json'}: model_type {model_type!r} is neither 'qwen3_vl' "
-                              f"nor 'alpamayo_r1'")
     return model.to(device)
 
 

@@ -1,16 +1,14 @@
-"""Model hyper-parameters as plain dataclasses, saved next to the weights as config.json.
+"""Model hyper-parameters as plain dataclasses.
 
-Defaults describe a small target with the structure of an Alpamayo-R1 style VLA
-(docs/ARCHITECTURE.md, 'The model'): a Qwen3-VL shaped decoder (GQA, q/k RMSNorm, interleaved
-M-RoPE), a ViT with a 2x2 patch merge, and a narrower action expert that shares the decoder's
-layer count and KV shape so it can read the decoder's KV cache. The bundled
-models/target/config.json overrides a few of them (8 decoder layers, max_positions 512).
+Defaults describe a small target with the structure of Alpamayo-R1 (docs/ARCHITECTURE.md, 'The
+model'): Qwen3-VL's text decoder (GQA, q/k RMSNorm, interleaved M-RoPE) and vision tower
+(16 x 16 x 2 patches, 2x2 merge, deepstack), and a narrower action expert that shares the
+decoder's layer count and KV shape so it can read the decoder's KV cache. On disk they are the
+Hugging Face config files of `checkpoint.py` / `alpamayo.py`, not these dataclasses.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from .rope import scaled_mrope_section
@@ -167,22 +165,3 @@ class TargetConfig:
             expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64, proj_hidden_size=32),
             image_pad_id=image_pad_id,
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TargetConfig":
-        return cls(
-            decoder=DecoderConfig(**d["decoder"]),
-            vision=VisionConfig(**d.get("vision", {})),
-            expert=ExpertConfig(**d["expert"]) if d.get("expert") else None,
-            image_pad_id=d.get("image_pad_id", -1),
-        )
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: str | Path) -> "TargetConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))

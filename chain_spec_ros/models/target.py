@@ -7,10 +7,9 @@ cache.length + rope_delta, then sample the trajectory from the cache.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..trajectory import STEP_SECONDS
@@ -117,22 +116,20 @@ class TargetVLA(nn.Module):
             self.expert.sample(cache, rope_delta, steps, generator, noise=noise))
         return trajectory_from_actions(actions, v0, dt)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.cfg.save(directory / "config.json")
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.cfg.decoder.tie_word_embeddings:  # safetensors refuses shared storage
-            state.pop("decoder.lm_head.weight")
-        save_file(state, str(directory / "model.safetensors"))
+    def save_pretrained(self, directory: str | Path, token_ids: Mapping[str, int] | None = None,
+                        generation: Mapping[str, Any] | None = None, tokenizer_file: Path | None = None) -> None:
+        """Alpamayo-R1's layout (`alpamayo.save_alpamayo`). token_ids: image_token_id,
+        video_token_id, vision_start_token_id, vision_end_token_id of the tokenizer (default:
+        the image pad id for all, enough for a model used without transformers' processor)."""
+        from .alpamayo import save_alpamayo
+
+        ids = token_ids or dict.fromkeys(("image_token_id", "video_token_id", "vision_start_token_id",
+                                          "vision_end_token_id"), self.cfg.image_pad_id)
+        save_alpamayo(self, directory, ids, generation or {}, tokenizer_file)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path,
-                        device: torch.device | str = "cpu") -> "TargetVLA":
-        directory = Path(directory)
-        model = cls(TargetConfig.load(directory / "config.json"))
-        state = load_file(str(directory / "model.safetensors"), device=str(device))
-        if model.cfg.decoder.tie_word_embeddings:
-            state["decoder.lm_head.weight"] = state["decoder.embed_tokens.weight"]
-        model.load_state_dict(state)
-        return model.to(device)
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> "TargetVLA":
+        """From an Alpamayo-R1 or Qwen3-VL directory (`checkpoint.load_target`)."""
+        from .checkpoint import load_target
+
+        return load_target(directory, device=device)

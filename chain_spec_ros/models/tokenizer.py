@@ -15,7 +15,7 @@ from ..trajectory import NUM_BINS
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>",
-    "<|vision_start|>", "<|image_pad|>", "<|vision_end|>",
+    "<|vision_start|>", "<|image_pad|>", "<|video_pad|>", "<|vision_end|>",
     "<|traj_history_start|>", "<|traj_history|>", "<|traj_history_end|>",
     "<|cot_start|>", "<|cot_end|>", "<|traj_future_start|>", "<|traj_future_end|>",
 ]

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data.dataset import load_split
+from ..models.alpamayo import save_alpamayo
 from ..models.config import DecoderConfig, TargetConfig, VisionConfig
 from ..models.target import TargetVLA
 from ..models.tokenizer import ChainTokenizer
@@ -39,8 +40,8 @@ class LanguageObjective(nn.Module):
 
     def forward(self, batch: TeacherBatch) -> torch.Tensor:
         answer_length = batch.labels.shape[1]
-        embeds = self.model.build_inputs_embeds(batch.input_ids, self.model.encode_images(batch.images))
-        logits, _ = self.model.decoder(embeds, batch.position_ids, num_logits=answer_length + 1)
+        logits, _ = self.model.prefill(batch.input_ids, self.model.encode_images(batch.images), batch.position_ids,
+                                       None, num_logits=answer_length + 1)
         return F.cross_entropy(logits[:, :answer_length].reshape(-1, logits.shape[-1]), batch.labels.reshape(-1),
                                ignore_index=IGNORE)
 
@@ -57,8 +58,22 @@ class FlowObjective(nn.Module):
         with torch.no_grad():
             cache = model.new_cache(batch.input_ids.shape[0], batch.input_ids.shape[1])
             model.prefill(batch.input_ids, model.encode_images(batch.images), batch.position_ids, cache, num_logits=1)
-        actions = model.expert.normalizer.normalize(batch.future_controls)
+        actions = model.expert.action_space.normalize(batch.future_controls)
         return model.expert.flow_matching_loss(cache, batch.rope_delta, actions, prefix_lengths=batch.coc_end)
+
+
+# How Alpamayo's release samples the reasoning (`sample_trajectories_from_data_with_vlm_rollout`).
+GENERATION = {"do_sample": True, "temperature": 0.6, "top_p": 0.98}
+
+
+def save_target(model: TargetVLA, out: Path, tokenizer: ChainTokenizer, tokenizer_file: Path) -> None:
+    """The bundle: Alpamayo-R1's layout, its VLM a transformers Qwen3-VL folder."""
+    token_ids = {"image_token_id": tokenizer.id("<|image_pad|>"), "video_token_id": tokenizer.id("<|video_pad|>"),
+                 "vision_start_token_id": tokenizer.id("<|vision_start|>"),
+                 "vision_end_token_id": tokenizer.id("<|vision_end|>")}
+    generation = {**GENERATION, "eos_token_id": tokenizer.id("<|traj_future_start|>"),
+                  "pad_token_id": tokenizer.id("<|endoftext|>")}
+    save_alpamayo(model, out, token_ids, generation, tokenizer_file)
 
 
 def to_device(batch: TeacherBatch, device: torch.device) -> TeacherBatch:
@@ -127,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         image_pad_id=tokenizer.id("<|image_pad|>"),
     )
     model = TargetVLA(config).to(runtime.device)
-    model.expert.normalizer.fit(torch.from_numpy(train_table.arrays["future_controls"]))
+    model.expert.action_space.fit(torch.from_numpy(train_table.arrays["future_controls"]))
     train, val = SceneEncoder(builder, train_table), SceneEncoder(builder, val_table)
     curves: dict[str, list] = {k: [] for k in ("language train loss", "language val loss", "flow train loss", "flow val loss")}
     started = time.time()
@@ -145,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     if runtime.is_main:
         out = Path(args.out)
         model.eval()
-        model.save_pretrained(out)
+        save_target(model, out, tokenizer, Path(args.tokenizer))
         save_curves(out / "training_curves", curves, "target VLA training")
         summary = {"seconds": round(time.time() - started, 1), "language_seconds": round(language_seconds, 1),
                    "train_scenes": len(train_table), "args": vars(args), "world_size": runtime.world_size,
