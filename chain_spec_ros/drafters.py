@@ -12,13 +12,7 @@ import torch
 from torch import Tensor
 
 from .engines.base import DraftEngine
-
-
-def _choose(logits: Tensor, temperature: float, generator) -> tuple[int, Tensor | None]:
-    if temperature == 0:
-        return int(logits.argmax()), None
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator)), probs
+from .sampling import Sampling
 
 
 class EagleDrafter:
@@ -53,21 +47,21 @@ class EagleDrafter:
     def _step(self, tokens: list[int], features: Tensor, start: int) -> tuple[Tensor, Tensor]:
         return self.engine.step(tokens, features, self.prompt.positions(start, len(tokens), self.mode))
 
-    def propose(self, k: int, temperature: float, generator=None) -> tuple[list[int], Tensor | None]:
+    def propose(self, k: int, sampling: Sampling, generator=None) -> tuple[list[int], Tensor | None]:
         hidden, logits = self._step(self.pending_tokens, self.pending_features, self.start_index)
         self.committed_length = self.engine.length
         index = self.start_index + len(self.pending_tokens)
         drafts, probs = [], []
         for j in range(k):
-            token, p = _choose(logits, temperature, generator)
+            token, p = sampling.choose(logits, generator)
             drafts.append(token)
             probs.append(p)
-            if j + 1 == k or token == self.stop_id or (self.min_confidence > 0 and temperature == 0
+            if j + 1 == k or token == self.stop_id or (self.min_confidence > 0 and sampling.greedy
                               and float(torch.softmax(logits.float(), -1)[token]) < self.min_confidence):
                 break
             hidden, logits = self._step([token], hidden, index + j)
         self.drafts = drafts
-        return drafts, torch.stack(probs) if temperature > 0 else None
+        return drafts, None if sampling.greedy else torch.stack(probs)
 
     def accept(self, num_accepted: int, next_token: int, features: list[Tensor]) -> None:
         self.engine.crop(self.committed_length)
@@ -104,17 +98,17 @@ class NgramDrafter:
     def begin(self, prompt, features, first_token: int) -> None:
         self.history = [self.start_token] * self.order + [first_token]
 
-    def propose(self, k: int, temperature: float, generator=None) -> tuple[list[int], Tensor | None]:
+    def propose(self, k: int, sampling: Sampling, generator=None) -> tuple[list[int], Tensor | None]:
         history, drafts, probs = list(self.history), [], []
         for _ in range(k):
             counts = self._next(history)
             if counts is None:
                 break
-            if temperature == 0:
+            if sampling.greedy:
                 token = counts.most_common(1)[0][0]
             else:  # the proposal distribution: normalised counts, sharpened by the temperature
                 ids = torch.tensor(list(counts))
-                weights = torch.tensor(list(counts.values()), dtype=torch.float) ** (1.0 / temperature)
+                weights = torch.tensor(list(counts.values()), dtype=torch.float) ** (1.0 / sampling.temperature)
                 token = int(ids[torch.multinomial(weights, 1, generator=generator)])
                 p = torch.zeros(self.vocab_size)
                 p[ids] = weights / weights.sum()

@@ -1,8 +1,11 @@
 """The planning pipeline without ROS: prompt -> vision -> prefill -> CoC decoding -> trajectory.
 
 One call plans one scene and reports how long each stage took. The CoC decoder is
-pluggable: target-only greedy decoding, or speculative decoding with a drafter. The models
-run behind the engine interface, so the same pipeline serves every backend.
+pluggable: target-only decoding, or speculative decoding with a drafter, each greedy or
+sampled (temperature and top-p, the trajectory tokens suppressed, as Alpamayo's rollout does).
+`num_traj_samples` trajectories are drawn from the expert per plan (different flow noise over
+the one CoC). The models run behind the engine interface, so the same pipeline serves every
+backend.
 
 `load_planner` opens a models directory on a backend; `self_test` plans one synthetic scene
 and refuses a model whose outputs are not finite; `plan_problem` is the plausibility check
@@ -16,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .constants import DEFAULT_K
 from .engines.base import TargetEngine
 from .prompt import PromptBuilder
+from .sampling import GREEDY, Sampling
 from .speculative import Drafter, speculative_decode
-from .trajectory import HISTORY_STEPS, STEP_SECONDS, history_bins
+from .trajectory import HISTORY_STEPS, NUM_BINS, STEP_SECONDS, history_bins
 
 MAX_COC_TOKENS = 64
 
@@ -30,8 +35,9 @@ MAX_COC_TOKENS = 64
 class PlanResult:
     coc_ids: list[int]
     coc: str
-    trajectory_xy: np.ndarray  # [64, 2] in the t0 frame
-    controls: np.ndarray  # [64, 2] (acceleration, curvature)
+    trajectory_xy: np.ndarray  # [64, 2] in the t0 frame: the first sample
+    controls: np.ndarray  # [64, 2] (acceleration, curvature) of the first sample
+    samples_xy: np.ndarray | None = None  # [num_traj_samples, 64, 2], the first one being trajectory_xy
     timings_ms: dict[str, float] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)  # speculative decoding: tau, drafted share, ...
     token_sources: list[str] = field(default_factory=list)  # per CoC token: "draft" or "target"
@@ -39,14 +45,20 @@ class PlanResult:
 
 class Planner:
     """Plans one scene; with a `drafter` the CoC is decoded speculatively (k drafts per target
-    pass), otherwise token by token by the target alone."""
+    pass), otherwise token by token by the target alone. `seed` seeds every plan's sampling
+    and flow noise, so a plan is a function of its inputs."""
 
     def __init__(self, target: TargetEngine, builder: PromptBuilder, drafter: Drafter | None = None, k: int = DEFAULT_K,
-                 expert_steps: int | None = None, seed: int = 0):
+                 expert_steps: int | None = None, seed: int = 0, sampling: Sampling = GREEDY,
+                 num_traj_samples: int = 1):
+        if target.config.expert is None:
+            raise ValueError("the target has no trajectory expert (a bare Qwen3-VL checkpoint): it cannot plan")
         self.target, self.builder = target, builder
         self.drafter, self.k = drafter, k
         self.expert_steps = expert_steps
         self.seed = seed
+        self.sampling = sampling
+        self.num_traj_samples = num_traj_samples
         self.stop_id = builder.cot_end_id
         self.future_start_id = builder.ids["<|traj_future_start|>"]
         if drafter is not None and list(drafter.feature_layers) != list(target.feature_layers)[: len(drafter.feature_layers)]:
@@ -69,6 +81,8 @@ class Planner:
 
         # One reading of the settings a node may change from another thread while this runs.
         drafter, k, expert_steps, seed = self.drafter, self.k, self.expert_steps, self.seed
+        sampling, num_samples = self.suppressing(self.sampling), max(self.num_traj_samples, 1)
+        generator = torch.Generator().manual_seed(seed)
         prompt = self.builder.build(images, history_tokens)
         max_len = len(prompt) + MAX_COC_TOKENS + k + 4
         self.target.start(max_len)
@@ -81,40 +95,51 @@ class Planner:
         lap("prefill")
         stats, sources = {"draft_k": k if drafter is not None else 0}, []
         if drafter is None:
-            coc_ids = greedy_decode(self.target, logits, prompt.rope_delta, MAX_COC_TOKENS, self.stop_id)
+            coc_ids = target_decode(self.target, logits, prompt.rope_delta, MAX_COC_TOKENS, self.stop_id, sampling,
+                                    generator)
             sources = ["target"] * len(coc_ids)
         else:
             coc_ids, spec = speculative_decode(self.target, drafter, prompt, logits, features,
-                                               self.stop_id, MAX_COC_TOKENS, k)
+                                               self.stop_id, MAX_COC_TOKENS, k, sampling, generator)
             stats, sources = {**stats, **spec.as_dict()}, spec.token_sources
         lap("decode")
         timings["decode_per_token"] = timings["decode"] / max(len(coc_ids), 1)
         # The expert reads the cache through `<|traj_future_start|>`, as in training.
         self.target.decode([self.stop_id, self.future_start_id], prompt.rope_delta)
-        trajectory = self.target.trajectory(prompt.rope_delta, float(speed), expert_steps, seed)
+        trajectories = [self.target.trajectory(prompt.rope_delta, float(speed), expert_steps, seed + i)
+                        for i in range(num_samples)]
         lap("expert")
         return PlanResult(
             coc_ids=coc_ids,
             coc=self.builder.tokenizer.decode(coc_ids),
-            trajectory_xy=trajectory.xy,
-            controls=trajectory.controls,
+            trajectory_xy=trajectories[0].xy,
+            controls=trajectories[0].controls,
+            samples_xy=np.stack([t.xy for t in trajectories]),
             timings_ms=timings,
             stats=stats,
             token_sources=sources,
         )
 
 
-def greedy_decode(target: TargetEngine, first_logits, rope_delta: int, max_new: int, stop_id: int) -> list[int]:
-    """Target-only greedy decoding until `stop_id` (not included) or max_new tokens.
+    def suppressing(self, sampling: Sampling) -> Sampling:
+        """`sampling` with the trajectory-bin tokens suppressed: the CoC is text, as in Alpamayo's
+        rollout, which masks its trajectory tokens out of the logits."""
+        first = self.builder.tokenizer.bin_offset
+        return Sampling(sampling.temperature, sampling.top_p, range(first, first + NUM_BINS))
+
+
+def target_decode(target: TargetEngine, first_logits, rope_delta: int, max_new: int, stop_id: int,
+                  sampling: Sampling = GREEDY, generator: torch.Generator | None = None) -> list[int]:
+    """Target-only decoding, greedy or sampled, until `stop_id` (not included) or max_new tokens.
 
     The cache ends holding the prompt and every emitted CoC token, but not the stop token.
     """
     tokens: list[int] = []
-    token = int(first_logits.argmax())
+    token, _ = sampling.choose(first_logits, generator)
     while token != stop_id and len(tokens) < max_new:
         tokens.append(token)
         logits, _ = target.decode([token], rope_delta)
-        token = int(logits[-1].argmax())
+        token, _ = sampling.choose(logits[-1], generator)
     return tokens
 
 

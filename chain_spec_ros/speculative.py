@@ -9,9 +9,10 @@ Bookkeeping (index = position in the sequence prompt + CoC):
   target's token after it (the correction, or the bonus when all k match), which becomes the
   new pending token; both caches roll back by resetting their valid length.
 Under greedy verification every committed token is the target's argmax given the committed
-prefix, so the output equals target-only greedy decoding token for token. With temperature
-> 0, drafts are accepted with probability min(1, p/q) and a rejection resamples from
-max(p - q, 0), which leaves the output distributed exactly as the target's.
+prefix, so the output equals target-only greedy decoding token for token. When sampling, p is
+the target's distribution after suppression, temperature and top-p (`Sampling.distribution`),
+drafts are accepted with probability min(1, p/q) and a rejection resamples from
+max(p - q, 0), which leaves the output distributed exactly as target-only sampling's.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from .constants import DEFAULT_K
 from .engines.base import TargetEngine
-
+from .sampling import GREEDY, Sampling
 
 
 class Drafter(Protocol):
@@ -39,7 +40,7 @@ class Drafter(Protocol):
     def begin(self, prompt, features: list[Tensor], first_token: int) -> None:
         """After the target's prefill: prompt features [1, P, D] per feature layer."""
 
-    def propose(self, k: int, temperature: float, generator: torch.Generator | None
+    def propose(self, k: int, sampling: Sampling, generator: torch.Generator | None
                 ) -> tuple[list[int], Tensor | None]:
         """Up to k tokens after the pending one, and their proposal distributions [k, V] when sampling."""
 
@@ -83,24 +84,20 @@ class SpeculativeStats:
         }
 
 
-def _probs(logits: Tensor, temperature: float) -> Tensor:
-    return torch.softmax(logits.float() / temperature, dim=-1)
-
-
-def verify_greedy(drafts: list[int], target_logits: Tensor) -> tuple[int, int]:
+def verify_greedy(drafts: list[int], target_logits: Tensor, sampling: Sampling = GREEDY) -> tuple[int, int]:
     """(number of drafts accepted, the target's token after them) under greedy verification."""
-    choices = target_logits.argmax(-1).tolist()
+    choices = sampling.masked(target_logits).argmax(-1).tolist()
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == choices[accepted]:
         accepted += 1
     return accepted, choices[accepted]
 
 
-def verify_sampled(drafts: list[int], draft_probs: Tensor, target_logits: Tensor, temperature: float,
+def verify_sampled(drafts: list[int], draft_probs: Tensor, target_logits: Tensor, sampling: Sampling,
                    generator: torch.Generator | None) -> tuple[int, int]:
     """Speculative sampling: accept d_j with probability min(1, p/q), else resample from the
     normalised residual max(p - q, 0); after k acceptances draw the bonus from p."""
-    p = _probs(target_logits, temperature)
+    p = sampling.distribution(target_logits)
     for j, token in enumerate(drafts):
         ratio = p[j, token] / draft_probs[j, token].clamp_min(1e-12)
         if torch.rand((), generator=generator) < ratio.clamp(max=1.0):
@@ -114,7 +111,7 @@ def verify_sampled(drafts: list[int], draft_probs: Tensor, target_logits: Tensor
 
 def speculative_decode(target: TargetEngine, drafter: Drafter, prompt, prefill_logits: Tensor,
                        prefill_features: list[Tensor], stop_id: int, max_new: int, k: int = DEFAULT_K,
-                       temperature: float = 0.0, generator: torch.Generator | None = None
+                       sampling: Sampling = GREEDY, generator: torch.Generator | None = None
                        ) -> tuple[list[int], SpeculativeStats]:
     """Decode the CoC after a prefilled prompt (last logits [V]). Returns the tokens (stop
     excluded) and stats.
@@ -123,9 +120,7 @@ def speculative_decode(target: TargetEngine, drafter: Drafter, prompt, prefill_l
     decoding, so the trajectory expert can read it next.
     """
     stats = SpeculativeStats(k)
-    last = prefill_logits
-    pending = int(last.argmax()) if temperature == 0 else int(
-        torch.multinomial(_probs(last, temperature), 1, generator=generator))
+    pending, _ = sampling.choose(prefill_logits, generator)
     drafter.begin(prompt, prefill_features, pending)
     tokens: list[int] = []
     while pending != stop_id and len(tokens) < max_new:
@@ -136,15 +131,15 @@ def speculative_decode(target: TargetEngine, drafter: Drafter, prompt, prefill_l
             target.decode([pending], prompt.rope_delta)
             break
         clock = time.perf_counter()
-        drafts, draft_probs = drafter.propose(budget, temperature, generator)
+        drafts, draft_probs = drafter.propose(budget, sampling, generator)
         verify_clock = time.perf_counter()
         stats.draft_ms += (verify_clock - clock) * 1e3
         base = target.length
         logits, features = target.decode([pending] + drafts, prompt.rope_delta)
-        if temperature == 0:
-            accepted, next_token = verify_greedy(drafts, logits)
+        if sampling.greedy:
+            accepted, next_token = verify_greedy(drafts, logits, sampling)
         else:
-            accepted, next_token = verify_sampled(drafts, draft_probs, logits, temperature, generator)
+            accepted, next_token = verify_sampled(drafts, draft_probs, logits, sampling, generator)
         stats.verify_ms += (time.perf_counter() - verify_clock) * 1e3
         stats.target_passes += 1
         stats.accepted_at[:accepted] += 1
