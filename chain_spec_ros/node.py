@@ -103,6 +103,8 @@ class ChainSpecNode(Node):
         previous, self.config = self.config, cfg
         planner = self.planner
         planner.k, planner.expert_steps, planner.seed = cfg.draft_k, cfg.expert_steps or None, cfg.seed
+        planner.sampling = planner.sampling_for(cfg.decoding, cfg.temperature, cfg.top_p)
+        planner.num_traj_samples = cfg.num_traj_samples
         planner.drafter = None if cfg.drafter == "none" else self._draft
         self.buffers.config = sensing_config(cfg, self.width, self.height)
         self.inputs.configure(ImageLimits(cfg.max_image_bytes, cfg.max_image_pixels, cfg.min_image_scale),

@@ -32,6 +32,7 @@ from .trajectory import HISTORY_SECONDS
 
 NODE_NAME = "chain_spec_node"
 DRAFTERS = ("auto", "none", "eagle")
+DECODINGS = ("greedy", "sample")
 IMAGE_TRANSPORTS = ("compressed", "raw")
 # Parameters rclpy declares on every node by itself; accepted but not ours.
 ROS_BUILTIN_PARAMETERS = ("start_type_description_service",)
@@ -67,7 +68,15 @@ class NodeConfig:
                                  "(torch then glues on one thread)", low=1, high=256)
     expert_steps: int = _param(0, "Euler steps of the trajectory expert (0 = the model's own)", low=0, high=100,
                                runtime=True)
-    seed: int = _param(0, "seed of the trajectory expert's noise", low=0, high=2**31 - 1, runtime=True)
+    seed: int = _param(0, "seed of every plan's sampling and trajectory noise", low=0, high=2**31 - 1, runtime=True)
+    decoding: str = _param("greedy", "CoC decoding: greedy (deterministic; what an onboard deployment runs) or sample "
+                           "(temperature and top-p, as Alpamayo's release rolls out)", choices=DECODINGS, runtime=True)
+    temperature: float = _param(0.0, "sampling temperature (0 = the model's generation_config, else 0.6)",
+                                low=0.0, high=10.0, runtime=True)
+    top_p: float = _param(0.0, "nucleus mass kept when sampling (0 = the model's generation_config, else 0.98)",
+                          low=0.0, high=1.0, runtime=True)
+    num_traj_samples: int = _param(1, "trajectories drawn from the expert per plan (the first is ~/trajectory, all go "
+                                   "to ~/markers and ~/plan_info)", low=1, high=16, runtime=True)
     # Inputs.
     cameras: list = _param(["front_wide", "front_tele"], "camera names, in the model's prompt order")
     camera_topics: list = _param(["/cameras/front_wide/image/compressed", "/cameras/front_tele/image/compressed"],

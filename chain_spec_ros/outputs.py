@@ -90,7 +90,9 @@ def plan_info(frame: SensorFrame, result: PlanResult, token_texts: list[str], **
         "tokens": token_texts, "token_sources": list(result.token_sources), "timings_ms": dict(result.timings_ms),
         "stats": result.stats, "speed": frame.speed, "pose": list(frame.pose), "camera_skew_s": frame.camera_skew_s,
         "odom_lag_s": frame.odom_lag_s, "input_age_s": frame.input_age_s,
-        "frame_stamps_ns": frame.frame_stamps_ns.tolist(), **extra,
+        "frame_stamps_ns": frame.frame_stamps_ns.tolist(),
+        "trajectory_samples_xy": None if result.samples_xy is None else np.round(result.samples_xy, 3).tolist(),
+        **extra,
     }
 
 
@@ -130,13 +132,23 @@ def plan_messages(types, frame: SensorFrame, result: PlanResult, cfg: NodeConfig
     line.color = types["ColorRGBA"](r=0.1, g=0.85, b=0.3, a=1.0)
     line.points = [types["Point"](x=0.0, y=0.0, z=0.05)] + [types["Point"](x=float(x), y=float(y), z=0.05)
                                                             for x, y in xy]
+    samples = []  # the other expert draws, thinner and fainter than the published one
+    for i, sample in enumerate([] if result.samples_xy is None else result.samples_xy[1:]):
+        marker = Marker(header=header, ns="chain_spec/trajectory_samples", id=i, type=Marker.LINE_STRIP,
+                        action=Marker.ADD, frame_locked=True, lifetime=lifetime)
+        marker.pose.orientation.w = 1.0
+        marker.scale.x = cfg.marker_line_width / 2
+        marker.color = types["ColorRGBA"](r=0.1, g=0.6, b=0.9, a=0.6)
+        marker.points = [types["Point"](x=0.0, y=0.0, z=0.04)] + [types["Point"](x=float(x), y=float(y), z=0.04)
+                                                                  for x, y in sample]
+        samples.append(marker)
     text = Marker(header=header, ns="chain_spec/coc", id=1, type=Marker.TEXT_VIEW_FACING, action=Marker.ADD,
                   frame_locked=True, lifetime=lifetime, text=result.coc)
     text.pose.position.x, text.pose.position.z = 4.0, 3.0
     text.pose.orientation.w = 1.0
     text.scale.z = cfg.marker_text_size
     text.color = types["ColorRGBA"](r=1.0, g=1.0, b=1.0, a=1.0)
-    return types["String"](data=result.coc), path, types["MarkerArray"](markers=[line, text])
+    return types["String"](data=result.coc), path, types["MarkerArray"](markers=[line, text, *samples])
 
 
 @dataclass

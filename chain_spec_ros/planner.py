@@ -59,6 +59,7 @@ class Planner:
         self.seed = seed
         self.sampling = sampling
         self.num_traj_samples = num_traj_samples
+        self.generation = Sampling(0.6, 0.98)  # the model's sampling defaults; load_planner reads them
         self.stop_id = builder.cot_end_id
         self.future_start_id = builder.ids["<|traj_future_start|>"]
         if drafter is not None and list(drafter.feature_layers) != list(target.feature_layers)[: len(drafter.feature_layers)]:
@@ -121,6 +122,14 @@ class Planner:
         )
 
 
+    def sampling_for(self, decoding: str, temperature: float = 0.0, top_p: float = 0.0) -> Sampling:
+        """The Sampling of a node's settings: greedy, or sampling with the given temperature and
+        top-p, each 0 meaning the model's generation_config (`generation_defaults`)."""
+        if decoding == "greedy":
+            return GREEDY
+        default = self.generation
+        return Sampling(temperature or default.temperature, top_p or default.top_p)
+
     def suppressing(self, sampling: Sampling) -> Sampling:
         """`sampling` with the trajectory-bin tokens suppressed: the CoC is text, as in Alpamayo's
         rollout, which masks its trajectory tokens out of the logits."""
@@ -141,6 +150,18 @@ def target_decode(target: TargetEngine, first_logits, rope_delta: int, max_new: 
         logits, _ = target.decode([token], rope_delta)
         token, _ = sampling.choose(logits[-1], generator)
     return tokens
+
+
+def generation_defaults(target_dir: Path) -> Sampling:
+    """Temperature and top-p of the model's generation_config.json (in the target folder or its
+    VLM folder), else Alpamayo's release values 0.6 / 0.98."""
+    import json
+
+    for path in (target_dir / "generation_config.json", target_dir / "vlm" / "generation_config.json"):
+        if path.is_file():
+            config = json.loads(path.read_text())
+            return Sampling(float(config.get("temperature") or 0.6), float(config.get("top_p") or 0.98))
+    return Sampling(0.6, 0.98)
 
 
 class ModelLoadError(RuntimeError):
@@ -175,7 +196,9 @@ def load_planner(models: Path, backend: str = "auto", drafter: str = "auto", dra
                              f"{target.config.decoder.vocab_size}: model and tokenizer do not belong together")
         builder = PromptBuilder(tokenizer, *target.config.vision.grid)
         chosen = EagleDrafter(draft_engine, stop_id=builder.cot_end_id) if drafter == "eagle" else None
-        return Planner(target, builder, drafter=chosen, k=k, expert_steps=expert_steps)
+        planner = Planner(target, builder, drafter=chosen, k=k, expert_steps=expert_steps)
+        planner.generation = generation_defaults(models / "target")
+        return planner
     except ModelLoadError:
         raise
     except (FileNotFoundError, ValueError, KeyError, OSError) as error:
@@ -193,6 +216,8 @@ def load_configured_planner(config) -> tuple[Planner, Path]:
     planner = load_planner(models, config.backend, config.drafter, config.draft_dir or None, config.draft_k,
                            config.expert_steps or None)
     planner.seed = config.seed
+    planner.sampling = planner.sampling_for(config.decoding, config.temperature, config.top_p)
+    planner.num_traj_samples = config.num_traj_samples
     return planner, models
 
 
