@@ -7,7 +7,8 @@ keeps a short ring buffer per topic and, on each planning tick, assembles a `Sen
 - per camera, the `NUM_FRAMES` frames nearest t0-0.3, -0.2, -0.1, 0 s (10 Hz), each within a
   tolerance;
 - the ego history: odometry interpolated at the 17 instants t0-1.6 s .. t0 (linear in position,
-  shortest arc in yaw), expressed in the t0 vehicle frame and quantised by `history_bins`.
+  shortest arc in yaw), expressed in the t0 vehicle frame, steps taken at rest held still
+  (`hold_at_rest`), and quantised by `history_bins`.
 
 Nothing here raises on bad input: insertion and assembly return a reason string (and count
 it), so the node can report it on /diagnostics and carry on. Message conversion takes the
@@ -45,7 +46,7 @@ import cv2  # noqa: E402
 
 from .constants import NS
 from .scenarios.scene import NUM_FRAMES
-from .trajectory import HISTORY_SECONDS, HISTORY_STEPS, STEP_SECONDS, history_bins, to_local_frame
+from .trajectory import HISTORY_SECONDS, HISTORY_STEPS, REST_SPEED, STEP_SECONDS, history_bins, to_local_frame
 
 # Counter names (also the keys the node publishes on /diagnostics).
 IMAGES, ODOMETRY = "images", "odometry"  # accepted messages
@@ -374,6 +375,37 @@ def interpolate_odometry(samples: np.ndarray, times: np.ndarray) -> np.ndarray:
     return np.stack(columns, axis=1)
 
 
+# A history step no longer than this can be position jitter of a car standing still (a GNSS/INS
+# jitters by centimetres); any driving step is longer, even creeping at REST_SPEED moves 2 cm.
+STILL_STEP_M = 0.1
+
+
+def hold_at_rest(local_xy: np.ndarray, speeds: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """History positions [17, 2] (t0 frame) with the steps taken at rest set to zero, and which
+    steps [16] were held.
+
+    A step is at rest when the odometry twist is under REST_SPEED at both its ends, of either
+    sign (some sources report -0.01 m/s standing still), and the step is shorter than
+    STILL_STEP_M. Why: the world's ego at rest stands exactly still, so its steps are exactly
+    zero and all its history tokens are the zero bin. A real car at rest jitters: a fused
+    GNSS/INS pose by millimetres (the comma2k19 segment's poses move about 1 mm per 0.1 s off
+    their own velocity), a raw one or the replay bags' odometry (2 cm, 0.05 m/s, 0.2 degrees
+    per sample) by centimetres. One bin is 8 mm, so unheld the history of a car at a red light
+    would be tokens scattered up to 9 bins around zero (measured in test_sensing), steps that in
+    the world only a rolling car makes. Jitter added to the world instead would tie training to one
+    sensor's noise (wheel odometry has none); held, a standing car gives the world's tokens
+    exactly, from any source. Steps whose twist says moving keep their measured motion, so
+    creeping and starting are untouched, and the step-length bound keeps a source that never
+    fills the twist from freezing a moving history.
+    """
+    steps = np.diff(local_xy, axis=0)
+    slow = np.abs(speeds) < REST_SPEED
+    still = slow[:-1] & slow[1:] & (np.linalg.norm(steps, axis=1) < STILL_STEP_M)
+    steps[still] = 0.0
+    positions = np.vstack([np.zeros((1, 2)), np.cumsum(steps, axis=0)])
+    return positions - positions[-1], still  # t0 stays the origin
+
+
 class SensorBuffers:
     """Per-topic ring buffers and SensorFrame assembly. Thread-safe: callbacks insert while the
     timer assembles."""
@@ -610,7 +642,7 @@ class SensorBuffers:
         times = -STEP_SECONDS * np.arange(HISTORY_STEPS, -1, -1)
         states = interpolate_odometry(samples, times)
         origin = (float(states[-1, 0]), float(states[-1, 1]), float(states[-1, 2]))
-        local = to_local_frame(states[:, :2], origin)
+        local, still = hold_at_rest(to_local_frame(states[:, :2], origin), states[:, 3])
         history_xyz = np.column_stack([local, np.zeros(len(local))])  # planar, as in training
         if not np.isfinite(history_xyz).all():
             return None, SkipReason("history_not_finite", "odometry history is not finite")
@@ -621,7 +653,7 @@ class SensorBuffers:
             frame_stamps_ns=np.stack(stamps),
             history_xyz=history_xyz,
             history_tokens=history_bins(history_xyz),
-            speed=float(states[-1, 3]),
+            speed=0.0 if still[-1] else float(states[-1, 3]),  # at rest, as the history says
             pose=(origin[0], origin[1], math.remainder(origin[2], 2 * math.pi)),
             camera_skew_s=skew,
             frame_misalignment_s=misalignment,

@@ -17,6 +17,9 @@ NUM_BINS = 1000
 DELTA_RANGE = 4.0  # metres: bins cover [-4, 4) per axis
 ACCEL_RANGE = 8.0  # m/s^2, for the discrete future tokens of the language stage
 CURVATURE_RANGE = 0.2  # 1/m
+# Below this speed the ego is at rest: a 0.1 s history step under 2 cm (2.5 bins of
+# DELTA_RANGE / NUM_BINS), and the twist a standing car's odometry reports stays under it.
+REST_SPEED = 0.2  # m/s
 
 
 def to_local_frame(xy: np.ndarray, origin: tuple[float, float, float]) -> np.ndarray:
@@ -25,6 +28,12 @@ def to_local_frame(xy: np.ndarray, origin: tuple[float, float, float]) -> np.nda
     c, s = np.cos(yaw), np.sin(yaw)
     d = np.asarray(xy, dtype=float) - [ox, oy]
     return np.stack([c * d[..., 0] + s * d[..., 1], -s * d[..., 0] + c * d[..., 1]], axis=-1)
+
+
+def history_speeds(poses_xyz: np.ndarray) -> np.ndarray:
+    """Mean speed of each history step [..., 16] (m/s) from poses [..., 17, 3], oldest first."""
+    steps = np.diff(np.asarray(poses_xyz)[..., :2], axis=-2)
+    return np.linalg.norm(steps, axis=-1) / STEP_SECONDS
 
 
 def history_deltas(poses_xyz: np.ndarray) -> np.ndarray:

@@ -529,3 +529,63 @@ def test_sensor_inputs_from_serialized_messages():
     key, reason = inputs.odometry(odometry(T_START + 2 * NS // 50, child="imu_link"), None)
     assert key == sensing.FRAME_MISMATCH and "'odom' -> 'base_link'" in reason
     assert buffers.counters[sensing.ODOMETRY] == 2
+
+
+def _standing_or_creeping_odometry(buffers, speed: float, position_sigma: float, speed_sigma: float,
+                                   yaw_sigma: float, seconds=2.5, hz=50.0, seed=0):
+    """Odometry of a car at `speed` (0: standing) as a GNSS/INS reports it: white position, twist
+    and yaw noise, a slow position drift and a twist biased slightly negative."""
+    rng = np.random.default_rng(seed)
+    drift = np.cumsum(rng.normal(0.0, 0.002, (int(seconds * hz) + 1, 2)), axis=0)  # about 1-2 cm over the history
+    for i, (dx, dy) in enumerate(drift):
+        t = i / hz
+        x, y, yaw = _pose(t, speed=speed)
+        x, y = x + dx + rng.normal(0.0, position_sigma), y + dy + rng.normal(0.0, position_sigma)
+        twist = speed - 0.01 + rng.normal(0.0, speed_sigma)
+        assert buffers.add_odometry(T_START + int(round(t * NS)), x, y, yaw + rng.normal(0.0, yaw_sigma), twist) is None
+
+
+# Per-sample noise (1 sigma): a fused GNSS/INS pose (the comma2k19 poses move about 1 mm per 0.1 s
+# off their own velocity) and the replay bags' odometry (data.bag), the noisier of the two.
+FUSED = (0.001, 0.01, math.radians(0.05))
+BAG = (0.02, 0.05, math.radians(0.2))
+
+
+@pytest.mark.parametrize("noise", [FUSED, BAG], ids=["fused", "bag"])
+def test_standing_car_gives_the_worlds_history_of_a_standing_ego(noise):
+    from chain_spec_ros.scenarios.scene import make_scene
+
+    world = next(scene for scene in (make_scene(seed, event="red_light", render=False) for seed in range(100))
+                 if scene.speed == 0.0)
+    buffers = _buffers()
+    last = _fill(buffers, odom_until=-1.0)  # cameras only
+    _standing_or_creeping_odometry(buffers, 0.0, *noise)
+    frame, reason = buffers.assemble(now_ns=last)
+    assert reason == ""
+    np.testing.assert_array_equal(frame.history_tokens, world.history_tokens)
+    assert frame.speed == 0.0 and world.speed == 0.0
+
+
+@pytest.mark.parametrize("noise", [FUSED, BAG], ids=["fused", "bag"])
+def test_creeping_car_keeps_its_measured_motion(noise):
+    buffers = _buffers()
+    last = _fill(buffers, odom_until=-1.0)
+    _standing_or_creeping_odometry(buffers, 0.5, *noise)
+    frame, reason = buffers.assemble(now_ns=last)
+    assert reason == ""
+    assert frame.history_xyz[0, 0] == pytest.approx(-0.8, abs=0.1)  # 1.6 s at 0.5 m/s
+    assert frame.speed == pytest.approx(0.5, abs=0.2)
+
+
+def test_hold_at_rest_needs_both_a_slow_twist_and_a_short_step():
+    moving = np.column_stack([np.linspace(-16.0, 0.0, 17), np.zeros(17)])  # 10 m/s
+    held, still = sensing.hold_at_rest(moving, np.zeros(17))  # a source that never fills the twist
+    np.testing.assert_array_equal(held, moving)
+    assert not still.any()
+    jitter = np.random.default_rng(1).normal(0.0, 0.02, (17, 2))
+    speeds = np.r_[np.zeros(12), np.full(5, 1.0)]  # standing, then starting
+    held, still = sensing.hold_at_rest(jitter - jitter[-1], speeds)
+    assert still.tolist() == [True] * 11 + [False] * 5
+    np.testing.assert_array_equal(held[:12], np.repeat(held[11:12], 12, axis=0))  # still steps add nothing
+    np.testing.assert_allclose(np.diff(held[11:], axis=0), np.diff(jitter[11:], axis=0))
+    assert np.allclose(held[-1], 0.0)
