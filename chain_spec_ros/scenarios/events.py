@@ -5,6 +5,12 @@ behave accordingly, so the decision always agrees with the future motion. Causes
 people, obstacles, signs) are placed so that they are visible in the camera frames at t0,
 while the ego's reaction starts at most a few tenths of a second before t0: the history
 alone cannot tell most decisions apart.
+
+Besides cruising traffic, the world has the ego at low speed and at rest, as at every red light:
+standing at a red light or a stop line, behind a stopped queue or parked at the kerb (held still
+by an obstacle inside the IDM's minimum gap, so its speed is exactly zero), starting from rest
+when the light turns green, the lead pulls away or the kerb lane is left, creeping behind a
+crawling queue, and mid-way through a turn at t0, so the history itself is curved.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .actors import VEHICLE_COLOURS, Actor, LinearMotion, Obstacle, RouteMotion
-from .ego import EgoPlan, LateralPlan, SpeedZone
+from .ego import EGO_HALF_LENGTH, EgoPlan, LateralPlan, SpeedZone
 from .road import LANE_WIDTH, Route, rectangle
 
 T0 = 2.0  # the planning instant inside a simulated scene
@@ -62,6 +68,42 @@ def _base_route(rng: np.random.Generator, straight: bool = False, num_lanes: int
     return Route([(20.0, 0.0), (430.0, rng.choice([-1, 1]) / radius)], num_lanes=num_lanes)
 
 
+def _pick(rng, shares: dict[str, float]) -> str:
+    """One of a builder's situations, drawn with the given shares."""
+    return str(rng.choice(list(shares), p=list(shares.values())))
+
+
+def _rest_gap(min_gap: float) -> float:
+    """A gap ahead of a standing ego that holds it still: inside the IDM's minimum gap its braking
+    term wins at zero speed, so the ego stays exactly where it is."""
+    return 0.9 * min_gap
+
+
+def _rest_distance(min_gap: float) -> float:
+    """How far ahead of a standing ego's centre a stop point holds it still."""
+    return EGO_HALF_LENGTH + _rest_gap(min_gap)
+
+
+def _hold(route: Route, min_gap: float, until: float = 1e9) -> Obstacle:
+    """An invisible obstacle that keeps an ego standing at EGO_START_S at rest until `until`
+    (a stop line, a parked car's own brakes)."""
+    return Obstacle(RouteMotion(route, EGO_START_S + _rest_distance(min_gap)), active_until=until)
+
+
+def _lead(rng, route: Route, gap: float, **motion) -> tuple[Actor, Obstacle, str, str]:
+    """A vehicle in the ego lane whose rear is `gap` metres ahead of the front of the ego at
+    EGO_START_S at t = 0, the obstacle it is for the ego, its kind and its colour."""
+    lead, kind, colour = _vehicle(rng, route, EGO_START_S, 0.0, **motion)
+    lead.motion.s0 += EGO_HALF_LENGTH + lead.size[0] / 2 + gap
+    return lead, Obstacle(lead.motion, standoff=lead.size[0] / 2), kind, colour
+
+
+def _traffic_light(route: Route, s_line: float, schedule: list[tuple[float, str]], across: bool = False) -> Actor:
+    """A signal head beside the stop line or, for an ego close to the line, across the
+    intersection (as at real junctions): a head beside the line is then above the cameras' view."""
+    return _pole_object("traffic_light", route, s_line + (16.0 if across else 1.0), -2.6, light_schedule=schedule)
+
+
 def _reaction_time(rng) -> float:
     """The ego reacts to what the t0 frames show within a human-like delay around t0."""
     return T0 + rng.uniform(-0.2, 0.3)
@@ -107,33 +149,63 @@ def _pole_object(kind, route, s, offset, size=(0.6, 0.6, 3.8), **kw) -> Actor:
 
 
 def build_red_light(rng):
+    """Stop at a red light: approaching it, creeping up to it, standing at its line, or standing
+    behind the stopped car in front."""
     route = _base_route(rng, straight=True)
-    waiting = rng.random() < 0.35  # already creeping up to the line, as at a resume-from-stop
-    v0 = rng.uniform(0.0, 4.0) if waiting else rng.uniform(6, 16)
-    s_line = EGO_START_S + v0 * T0 + (rng.uniform(3, 10) if waiting else _stop_distance(v0, rng))
+    situation = _pick(rng, {"approach": 0.35, "creeping": 0.25, "at_rest": 0.25, "queue": 0.15})
+    min_gap = 1.0
+    if situation == "approach":
+        v0 = rng.uniform(6, 16)
+        s_line = EGO_START_S + v0 * T0 + _stop_distance(v0, rng)
+        red_since, cruise, react = T0 - rng.uniform(0.1, 0.8), _cruise(rng, v0), _reaction_time(rng)
+    elif situation == "creeping":  # rolling up to the line at walking pace, the light red for a while
+        v0 = rng.uniform(0.6, 1.8)
+        s_line = EGO_START_S + v0 * T0 + rng.uniform(3, 8)
+        red_since, cruise, react = T0 - rng.uniform(1.0, 4.0), v0, -1e9
+    else:  # standing since before the history began
+        v0, red_since, cruise, react = 0.0, -1.0, rng.uniform(9, 14), -1e9
+        s_line = EGO_START_S + _rest_distance(min_gap)
+    actors, obstacles = [], []
+    if situation == "queue":
+        lead, obstacle, kind, colour = _lead(rng, route, _rest_gap(min_gap))
+        s_line = lead.motion.s0 + lead.size[0] / 2 + rng.uniform(1.0, 5.0)
+        actors.append(lead)
+        obstacles.append(obstacle)
+        cause = Cause("stopped_traffic", lead.motion.s0 - EGO_START_S, colour=colour, detail=kind)
     surfaces, s_line = _intersection(route, s_line + 8.0)
-    light = _pole_object("traffic_light", route, s_line + 1.0, -2.6, light_schedule=[(0.0, "green"),
-                         (T0 - rng.uniform(3.0, 4.5), "yellow"), (T0 - rng.uniform(0.1, 0.8), "red")])
-    obstacle = Obstacle(RouteMotion(route, s_line), active_from=_reaction_time(rng))
-    plan = EgoPlan(_cruise(rng, v0), LateralPlan(0.0), [obstacle], min_gap=1.0)
-    distance = s_line - (EGO_START_S + v0 * T0)
-    return World(route, [light], plan, v0, "Stop", "Stop", "Keep lane",
-                 Cause("red_light", distance, colour="red"), surfaces)
+    schedule = [(0.0, "green"), (red_since - rng.uniform(2.5, 3.5), "yellow"), (red_since, "red")]
+    light = _traffic_light(route, s_line, schedule, across=situation != "approach")
+    actors.append(light)
+    if situation != "queue":
+        cause = Cause("red_light", light.motion.s0 - (EGO_START_S + v0 * T0), colour="red")
+    obstacles.append(Obstacle(RouteMotion(route, s_line), active_from=react))
+    plan = EgoPlan(cruise, LateralPlan(0.0), obstacles, min_gap=min_gap)
+    return World(route, actors, plan, v0, "Stop", "Stop", "Keep lane", cause, surfaces)
 
 
 def build_stop_sign(rng):
+    """Stop at a stop sign: approaching it, or standing a few metres before its line (closer,
+    the sign beside the line is out of the cameras' view)."""
     route = _base_route(rng, straight=True)
-    v0 = rng.uniform(3, 13)
-    s_line = EGO_START_S + v0 * T0 + _stop_distance(v0, rng)
+    if rng.random() < 0.7:
+        v0, min_gap = rng.uniform(3, 13), 0.8
+        s_line = EGO_START_S + v0 * T0 + _stop_distance(v0, rng)
+        cruise, react = _cruise(rng, v0), _reaction_time(rng)
+    else:
+        v0, min_gap, cruise, react = 0.0, rng.uniform(3.5, 5.0), rng.uniform(8, 12), -1e9
+        s_line = EGO_START_S + _rest_distance(min_gap)
     surfaces, s_line = _intersection(route, s_line + 8.0)
     sign = _pole_object("stop_sign", route, s_line, -2.8, size=(0.2, 1.2, 2.6), colour=(30, 30, 210))
-    obstacle = Obstacle(RouteMotion(route, s_line), active_from=_reaction_time(rng))
-    plan = EgoPlan(_cruise(rng, v0), LateralPlan(0.0), [obstacle], min_gap=0.8)
+    obstacle = Obstacle(RouteMotion(route, s_line), active_from=react)
+    plan = EgoPlan(cruise, LateralPlan(0.0), [obstacle], min_gap=min_gap)
     return World(route, [sign], plan, v0, "Stop", "Stop", "Keep lane",
                  Cause("stop_sign", s_line - (EGO_START_S + v0 * T0)), surfaces)
 
 
 def build_yield(rng):
+    """Yield to a person crossing ahead, or, parked at the kerb, to the traffic passing on the left."""
+    if rng.random() < 0.3:
+        return _yield_parked(rng)
     route = _base_route(rng, straight=True)
     v0 = rng.uniform(5, 13)
     ego_t0 = EGO_START_S + v0 * T0
@@ -160,12 +232,26 @@ def build_yield(rng):
                  _crosswalk(route, s_cross))
 
 
+def _yield_parked(rng):
+    """Parked towards the kerb, the ego waits for a car passing in the left lane, then sets off
+    and moves over to the lane centre."""
+    route = _base_route(rng, straight=True)
+    car, kind, colour = _vehicle(rng, route, EGO_START_S + rng.uniform(4, 15), LANE_WIDTH, speed=rng.uniform(7, 12),
+                                 t_start=T0, kind="car")
+    clear = T0 + rng.uniform(0.8, 2.5)
+    kerb = -rng.uniform(0.5, 0.9)
+    plan = EgoPlan(rng.uniform(8, 12), LateralPlan(kerb, [(clear + 1.0, 3.0, -kerb)]))
+    plan.obstacles.append(_hold(route, plan.min_gap, clear))
+    return World(route, [car], plan, 0.0, "Yield", "Yield", "Keep lane",
+                 Cause("traffic_passing", car.motion.s0 - EGO_START_S, colour=colour, detail=kind, side="left"))
+
+
 def build_pass_green(rng):
     route = _base_route(rng, straight=True)
     v0 = rng.uniform(7, 16)
     s_center = EGO_START_S + v0 * T0 + rng.uniform(20, 45)
     surfaces, s_line = _intersection(route, s_center)
-    light = _pole_object("traffic_light", route, s_line + 1.0, -2.6, light_schedule=[(0.0, "green")])
+    light = _traffic_light(route, s_line, [(0.0, "green")])
     plan = EgoPlan(max(v0 + rng.uniform(-0.5, 1.5), 7.0), LateralPlan(0.0))
     return World(route, [light], plan, v0, "Pass", "Pass", "Keep lane",
                  Cause("green_light", s_line - (EGO_START_S + v0 * T0), colour="green"), surfaces)
@@ -188,6 +274,9 @@ def build_gap_search(rng):
 
 
 def build_keep_distance(rng):
+    """Keep distance to a slower or braking lead, or creep behind a crawling queue."""
+    if rng.random() < 0.45:
+        return _creep_in_queue(rng)
     route = _base_route(rng)
     v0 = rng.uniform(3, 18)
     ego_t0 = EGO_START_S + v0 * T0
@@ -202,6 +291,20 @@ def build_keep_distance(rng):
     plan = EgoPlan(_cruise(rng, v0), LateralPlan(0.0), [Obstacle(lead.motion, _reaction_time(rng), standoff=lead.size[0] / 2)])
     return World(route, [lead], plan, v0, "Keep distance", "Keep distance", "Keep lane",
                  Cause("lead_braking" if braking else "lead_slow", gap, colour=colour, detail=kind))
+
+
+def _creep_in_queue(rng):
+    """A queue crawls at walking pace and the ego creeps behind it at the IDM's equilibrium gap."""
+    route = _base_route(rng, straight=True)
+    crawl = rng.uniform(0.6, 1.6)
+    plan = EgoPlan(_cruise(rng, crawl), LateralPlan(0.0))
+    # Starting at the IDM's desired gap for this speed, the ego keeps crawling with the queue.
+    lead, obstacle, kind, colour = _lead(rng, route, plan.min_gap + crawl * plan.time_headway, speed=crawl)
+    plan.obstacles.append(obstacle)
+    v0 = crawl * rng.uniform(0.9, 1.1)
+    distance = lead.motion.s_and_speed(T0)[0] - (EGO_START_S + v0 * T0)
+    return World(route, [lead], plan, v0, "Keep distance", "Keep distance", "Keep lane",
+                 Cause("lead_creeping", distance, colour=colour, detail=kind))
 
 
 def build_adapt_speed(rng):
@@ -222,31 +325,55 @@ def build_adapt_speed(rng):
     route = _base_route(rng, straight=True)
     distance = rng.uniform(25, 45)
     surfaces, s_line = _intersection(route, ego_t0 + distance + 8.0)
-    light = _pole_object("traffic_light", route, s_line + 1.0, -2.6,
-                         light_schedule=[(0.0, "green"), (T0 - rng.uniform(0.1, 0.8), "yellow")])
+    light = _traffic_light(route, s_line, [(0.0, "green"), (T0 - rng.uniform(0.1, 0.8), "yellow")])
     plan = EgoPlan(_cruise(rng, v0), LateralPlan(0.0), zones=[SpeedZone(s_line, s_line + 20, v0 * 0.55, _reaction_time(rng))])
     return World(route, [light], plan, v0, "Adapt speed", "Adapt speed", "Keep lane",
                  Cause("yellow_light", s_line - ego_t0, colour="yellow"), surfaces)
 
 
 def build_resume_speed(rng):
+    """Speed up when the light turns green or the lead pulls away: rolling slowly towards the
+    light, or standing and starting to move (before t0, so the history shows the start, or just
+    after it)."""
     route = _base_route(rng, straight=True)
-    v0 = rng.uniform(0.0, 6.0)
+    if rng.random() < 0.25:
+        return _resume_rolling(rng, route)
+    go = T0 + rng.uniform(-1.4, 0.3)
+    cruise = rng.uniform(9, 14)
+    if rng.random() < 0.5:
+        plan = EgoPlan(cruise, LateralPlan(0.0), min_gap=1.0)
+        plan.obstacles.append(_hold(route, plan.min_gap, go))
+        distance = _rest_distance(plan.min_gap)
+        surfaces, s_line = _intersection(route, EGO_START_S + distance + 8.0)
+        light = _traffic_light(route, s_line, [(0.0, "red"), (go - rng.uniform(0.3, 0.8), "green")], across=True)
+        return World(route, [light], plan, 0.0, "Resume speed", "Resume speed", "Keep lane",
+                     Cause("light_turned_green", distance, colour="green"), surfaces)
+    # The lead moves off at `go` - 0.5..1 s and the widening gap lets the ego start (IDM).
+    plan = EgoPlan(cruise, LateralPlan(0.0))
+    lead, obstacle, kind, colour = _lead(rng, route, _rest_gap(plan.min_gap), accel=2.0,
+                                         t_start=go - rng.uniform(0.5, 1.0))
+    plan.obstacles.append(obstacle)
+    return World(route, [lead], plan, 0.0, "Resume speed", "Resume speed", "Keep lane",
+                 Cause("lead_pulled_away", lead.motion.s_and_speed(T0)[0] - EGO_START_S, colour=colour, detail=kind))
+
+
+def _resume_rolling(rng, route: Route) -> World:
+    """Rolling slowly, the ego speeds up as the light turns green or the lead pulls away."""
+    v0 = rng.uniform(1.0, 6.0)
     ego_t0 = EGO_START_S + v0 * T0
     cruise = rng.uniform(9, 14)
     go = _reaction_time(rng)
     if rng.random() < 0.5:
         distance = rng.uniform(3, 10)
         surfaces, s_line = _intersection(route, ego_t0 + distance + 8.0)
-        light = _pole_object("traffic_light", route, s_line + 1.0, -2.6,
-                             light_schedule=[(0.0, "red"), (T0 - rng.uniform(0.1, 0.6), "green")])
+        light = _traffic_light(route, s_line, [(0.0, "red"), (T0 - rng.uniform(0.1, 0.6), "green")], across=True)
         actors, cause = [light], Cause("light_turned_green", s_line - ego_t0, colour="green")
     else:
         surfaces = []
         lead, kind, colour = _vehicle(rng, route, ego_t0 + rng.uniform(12, 20), 0.0, speed=rng.uniform(3, 6),
                                       accel=2.0, t_start=go - 1.0)
         actors, cause = [lead], Cause("lead_pulled_away", lead.motion.s0 - ego_t0, colour=colour, detail=kind)
-    plan = EgoPlan(max(v0, 0.5), LateralPlan(0.0), cruise_change_at=go, resume_speed=cruise)
+    plan = EgoPlan(v0, LateralPlan(0.0), cruise_change_at=go, resume_speed=cruise)
     return World(route, actors, plan, v0, "Resume speed", "Resume speed", "Keep lane", cause, surfaces)
 
 
@@ -310,11 +437,19 @@ def build_nudge_right(rng):
 
 
 def _turn(rng, direction: str):
-    v0 = rng.uniform(6, 11)
-    ego_t0 = EGO_START_S + v0 * T0
-    distance = rng.uniform(8, 20)
+    """Turn at an intersection: approaching it, or already mid-way through the turn at t0 (the
+    history curves)."""
     radius = rng.uniform(11, 14) if direction == "left" else rng.uniform(7, 9)
-    turn_s = ego_t0 + distance
+    turn_speed = np.sqrt(1.8 * radius)
+    if rng.random() < 0.5:
+        v0 = turn_speed * rng.uniform(0.85, 1.0)
+        distance = -rng.uniform(0.4, 0.9) * radius  # the arc already driven at t0
+        cause, notice = Cause("route_turning", side=direction), -1e9
+    else:
+        v0 = rng.uniform(6, 11)
+        distance = rng.uniform(8, 20)
+        cause, notice = Cause("route_turn", distance, side=direction), _reaction_time(rng)
+    turn_s = EGO_START_S + v0 * T0 + distance
     kappa = (1 if direction == "left" else -1) / radius
     route = Route([(turn_s, 0.0), (radius * np.pi / 2, kappa), (200.0, 0.0)])
     through = Route([(turn_s + 200.0, 0.0)])
@@ -323,9 +458,9 @@ def _turn(rng, direction: str):
     sign = _pole_object("route_sign", through, turn_s - 6.0, -2.8 if direction == "right" else 2 * LANE_WIDTH + 0.8,
                         size=(0.2, 1.4, 2.8), colour=(200, 110, 20), arrow=direction)
     plan = EgoPlan(_cruise(rng, v0), LateralPlan(0.0),
-                   zones=[SpeedZone(turn_s, turn_s + radius * 1.6, np.sqrt(1.8 * radius), _reaction_time(rng))])
+                   zones=[SpeedZone(turn_s, turn_s + radius * 1.6, turn_speed, notice)])
     decision = f"Turn {direction}"
-    world = World(route, [sign], plan, v0, decision, None, decision, Cause("route_turn", distance, side=direction), surfaces)
+    world = World(route, [sign], plan, v0, decision, None, decision, cause, surfaces)
     world.extra_routes = [through]  # rendered as road surface too
     return world
 
@@ -339,6 +474,9 @@ def build_turn_right(rng):
 
 
 def build_merge(rng):
+    """Merge left where the lane ends, or pull out from the kerb into the clear left lane."""
+    if rng.random() < 0.35:
+        return _pull_out(rng)
     route = _base_route(rng, straight=True)
     v0 = rng.uniform(9, 16)
     ego_t0 = EGO_START_S + v0 * T0
@@ -350,6 +488,17 @@ def build_merge(rng):
     world = World(route, [sign], plan, v0, "Merge", None, "Merge", Cause("lane_ends", distance, side="right"))
     world.lane_end_s = ego_t0 + distance
     return world
+
+
+def _pull_out(rng):
+    """Parked behind another parked car, the ego sets off (before t0 or just after) and, once
+    rolling, moves over into the left lane."""
+    route = _base_route(rng, straight=True)
+    parked, _, _ = _vehicle(rng, route, EGO_START_S + rng.uniform(11, 16), 0.0, kind="car")
+    go = T0 + rng.uniform(-1.4, 0.4)
+    plan = EgoPlan(rng.uniform(8, 12), LateralPlan(0.0, [(go + 0.8, rng.uniform(3.0, 4.0), LANE_WIDTH)]))
+    plan.obstacles.append(_hold(route, plan.min_gap, go))
+    return World(route, [parked], plan, 0.0, "Merge", None, "Merge", Cause("left_lane_clear", side="left"))
 
 
 def build_keep_lane(rng):

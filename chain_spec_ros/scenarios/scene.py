@@ -5,13 +5,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..trajectory import FUTURE_STEPS, HISTORY_STEPS, STEP_SECONDS, accel_curvature, history_bins, to_local_frame
-from .coc import EgoState, compose, parse
+from ..trajectory import (FUTURE_STEPS, HISTORY_STEPS, STEP_SECONDS, accel_curvature, history_bins, history_speeds,
+                          to_local_frame)
+from .coc import EgoState, compose, parse, speed_state
 from .ego import EgoTrack, simulate_ego
 from .events import T0, T_END, World, build_world
 from .render import Renderer
 
 NUM_FRAMES = 4  # per camera, at 10 Hz, the last one at t0
+MIN_ROAD_SPAN = 3.0  # m: a history shorter than this shows no road shape
+BEND_CURVATURE = 1 / 600  # 1/m: a history bending more than this is in a bend
+TURN_CURVATURE = 1 / 40  # 1/m: and one this sharp that has turned TURN_HEADING is mid-turn
+TURN_HEADING = 0.3  # rad (17 degrees)
 
 
 @dataclass
@@ -40,15 +45,27 @@ def sample_track(track: EgoTrack, times: np.ndarray) -> np.ndarray:
     return np.stack([track.x[idx], track.y[idx], track.yaw[idx], track.v[idx], track.s[idx]], axis=1)
 
 
-def ego_state_from_history(history_xyz: np.ndarray, speed: float) -> EgoState:
-    """Speed trend and road shape as the history shows them (what the CoC's routine part says)."""
+def road_shape(history_xyz: np.ndarray) -> tuple[str, str]:
+    """The road shape the history shows, a key of `coc.ROAD_PHRASES` or '' when it is too short
+    to show one, and the side it bends to ('left', 'right' or '')."""
     xy = history_xyz[:, :2]
-    speeds = np.linalg.norm(np.diff(xy, axis=0), axis=1) / STEP_SECONDS
-    accel = (speeds[-3:].mean() - speeds[:3].mean()) / (STEP_SECONDS * (len(speeds) - 3))
-    heading = np.unwrap(np.arctan2(np.diff(xy[:, 1]), np.diff(xy[:, 0])))
-    distance = np.linalg.norm(xy[-1] - xy[0])
-    curvature = (heading[-1] - heading[0]) / distance if distance > 3 else 0.0
-    return EgoState(speed, accel, curvature)
+    span = float(np.linalg.norm(xy[-1] - xy[0]))
+    if span < MIN_ROAD_SPAN:
+        return "", ""
+    steps = np.diff(xy, axis=0)
+    heading = np.unwrap(np.arctan2(steps[:, 1], steps[:, 0]))
+    turned = heading[-1] - heading[0]
+    side = "left" if turned > 0 else "right"
+    if abs(turned) >= TURN_HEADING and abs(turned) / span >= TURN_CURVATURE:
+        return "turn", side
+    if abs(turned) / span > BEND_CURVATURE:
+        return "bend", side
+    return "straight", ""
+
+
+def ego_state_from_history(history_xyz: np.ndarray, speed: float) -> EgoState:
+    """Speed state and road shape as the history shows them (what the CoC's routine part says)."""
+    return EgoState(speed_state(history_speeds(history_xyz), speed), speed, *road_shape(history_xyz))
 
 
 def make_scene(seed: int, renderer: Renderer | None = None, event: str | None = None, render: bool = True) -> Scene:
