@@ -104,9 +104,14 @@ def test_generate_schema_and_stats(tmp_path, capsys):
     assert cli.main(["stats", str(out)]) == 0
     stats = json.loads(capsys.readouterr().out)
     for key in ("num_scenes", "decision_histogram", "coc_tokens_median", "routine_token_share",
-                "history_only_decision_accuracy"):
+                "history_only_decision_accuracy", "speed_state_shares", "motion_case_shares",
+                "decisions_by_speed_case"):
         assert key in stats
     assert stats["num_scenes"] == 120 and 0.0 < stats["routine_token_share"] < 1.0
+    assert set(stats["motion_case_shares"]) == {"stopped", "starting", "creeping", "mid-turn"}
+    assert sum(stats["speed_state_shares"].values()) == pytest.approx(1.0)
+    # The stored (float32) histories still show what the world stated.
+    assert stats["malformed_coc_share"] == 0.0 and stats["speed_statement_mismatch_share"] == 0.0
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path, capsys):
