@@ -23,3 +23,29 @@ def constant_velocity(speed: float, steps: int = 64) -> np.ndarray:
     """The baseline: keep the current speed and heading."""
     x = speed * STEP_SECONDS * np.arange(1, steps + 1)
     return np.stack([x, np.zeros_like(x)], axis=1)
+
+
+def min_displacement_errors(samples: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """minADE / minFDE over trajectory samples [S, T, 2] at each horizon (the best sample per
+    metric, as Alpamayo's minADE_6 is reported)."""
+    per_sample = [displacement_errors(sample, truth) for sample in np.asarray(samples)]
+    return {f"min{key}": min(errors[key] for errors in per_sample) for key in per_sample[0]}
+
+
+def chi_square_p_value(observed, expected) -> float:
+    """Pearson's chi-square goodness-of-fit p-value of counts against expected counts (same
+    total). Categories expected fewer than 5 times are pooled into one, as the test requires."""
+    import torch
+
+    observed = torch.as_tensor(observed, dtype=torch.float64)
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    small = expected < 5
+    if small.any():
+        observed = torch.cat([observed[~small], observed[small].sum()[None]])
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    keep = expected > 0
+    statistic = (((observed - expected) ** 2)[keep] / expected[keep]).sum()
+    dof = int(keep.sum()) - 1
+    if dof < 1:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
