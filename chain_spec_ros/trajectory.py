@@ -1,7 +1,9 @@
 """Ego-motion encodings shared by the simulator, the dataset and the ROS node.
 
-History: 16 poses at 10 Hz (t0-1.5 s .. t0) in the t0 vehicle frame (x forward, y left,
-z up), turned into per-step deltas and quantised into uniform bins: 48 history tokens.
+History: poses at 10 Hz in the t0 vehicle frame (x forward, y left, z up), tokenised as
+Alpamayo-R1's DeltaTrajectoryTokenizer does: the last 16 poses (t0-1.5 s .. t0), a zero point
+put in front, their deltas (so the first "delta" is the oldest pose itself, relative to t0, and
+usually clamps), each axis rounded into 1000 bins over +-4 m (x, y) and +-10 m (z): 48 tokens.
 Future: 64 steps at 10 Hz as (acceleration, curvature) pairs, integrated by a unicycle.
 """
 from __future__ import annotations
@@ -14,7 +16,8 @@ STEP_SECONDS = 0.1
 HISTORY_SECONDS = HISTORY_STEPS * STEP_SECONDS  # 1.6 s: 17 poses t0-1.6 s .. t0
 HISTORY_TOKENS = 3 * HISTORY_STEPS  # (dx, dy, dz) per step: 48
 NUM_BINS = 1000
-DELTA_RANGE = 4.0  # metres: bins cover [-4, 4) per axis
+DELTA_RANGE = 4.0  # metres: history bins cover [-4, 4] in x and y
+HISTORY_RANGES = np.array([DELTA_RANGE, DELTA_RANGE, 10.0])  # x, y, z (Alpamayo's ego_xyz_min / max)
 ACCEL_RANGE = 8.0  # m/s^2, for the discrete future tokens of the language stage
 CURVATURE_RANGE = 0.2  # 1/m
 # Below this speed the ego is at rest: a 0.1 s history step under 2 cm (2.5 bins of
@@ -55,8 +58,19 @@ def dequantise(bins: np.ndarray, value_range: float) -> np.ndarray:
 
 
 def history_bins(poses_xyz: np.ndarray) -> np.ndarray:
-    """The 48 history bin indices, ordered (dx, dy, dz) per step, oldest first."""
-    return quantise(history_deltas(poses_xyz), DELTA_RANGE).reshape(-1)
+    """The 48 history bin indices of 17 poses (t0-1.6 s .. t0), ordered (x, y, z) per point,
+    oldest first: Alpamayo's delta tokenisation of the last 16 (see the module docstring),
+    bin = clamp(round((d + range) / (2 range) * 999), 0, 999)."""
+    history_deltas(poses_xyz)  # shape check
+    points = np.asarray(poses_xyz, dtype=float)[-HISTORY_STEPS:]
+    deltas = np.diff(points, axis=0, prepend=np.zeros((1, 3)))
+    scaled = (deltas + HISTORY_RANGES) / (2 * HISTORY_RANGES) * (NUM_BINS - 1)
+    return np.clip(np.round(scaled), 0, NUM_BINS - 1).astype(np.int64).reshape(-1)
+
+
+def history_deltas_from_bins(bins: np.ndarray) -> np.ndarray:
+    """Bin indices [48] -> the deltas [16, 3] they stand for (the first one clamped)."""
+    return np.asarray(bins, dtype=float).reshape(HISTORY_STEPS, 3) / (NUM_BINS - 1) * 2 * HISTORY_RANGES - HISTORY_RANGES
 
 
 def future_bins(accel_curvature: np.ndarray, stride: int = 4) -> np.ndarray:

@@ -11,7 +11,7 @@ from chain_spec_ros.models.tokenizer import BIN_TOKENS, SPECIAL_TOKENS, ChainTok
 from chain_spec_ros.paths import default_tokenizer_path
 from chain_spec_ros.prompt import PromptBuilder
 from chain_spec_ros.scenarios.scene import make_scene
-from chain_spec_ros.trajectory import DELTA_RANGE, NUM_BINS, dequantise, history_bins, quantise
+from chain_spec_ros.trajectory import DELTA_RANGE, NUM_BINS, dequantise, history_bins, history_deltas_from_bins, quantise
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,10 @@ def test_quantisation_round_trip():
 def test_history_tokens_encode_the_motion():
     poses = np.zeros((17, 3))
     poses[:, 0] = np.linspace(-16.0, 0.0, 17)  # 10 m/s straight ahead
-    bins = history_bins(poses).reshape(16, 3)
-    assert np.allclose(dequantise(bins[:, 0], DELTA_RANGE), 1.0, atol=0.005)
-    assert np.allclose(dequantise(bins[:, 1:], DELTA_RANGE), 0.0, atol=0.005)
+    deltas = history_deltas_from_bins(history_bins(poses))
+    assert deltas[0, 0] == -DELTA_RANGE  # the oldest pose, 15 m behind, clamps as in Alpamayo's tokenizer
+    assert np.allclose(deltas[1:, 0], 1.0, atol=0.005)
+    assert np.allclose(deltas[:, 1], 0.0, atol=0.005) and np.allclose(deltas[:, 2], 0.0, atol=0.011)
     with pytest.raises(ValueError):
         history_bins(np.zeros((16, 3)))
 
