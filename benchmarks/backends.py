@@ -38,7 +38,7 @@ from chain_spec_ros.drafters import EagleDrafter  # noqa: E402
 from chain_spec_ros.engines.export import export_models  # noqa: E402
 from chain_spec_ros.engines.factory import build_engines  # noqa: E402
 from chain_spec_ros.engines.manifest import ExportError  # noqa: E402
-from chain_spec_ros.models.config import DecoderConfig, TargetConfig, VisionConfig  # noqa: E402
+from chain_spec_ros.models.config import DecoderConfig, TargetConfig  # noqa: E402
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft  # noqa: E402
 from chain_spec_ros.models.target import TargetVLA  # noqa: E402
 from chain_spec_ros.models.tokenizer import ChainTokenizer  # noqa: E402
@@ -49,8 +49,9 @@ from chain_spec_ros.prompt import PromptBuilder  # noqa: E402
 STAGES = ("vision", "prefill", "decode", "verify", "draft_step", "expert")
 
 
-def make_random_models(directory: Path, hidden: int = 256, layers: int = 8, image_size=(48, 96)) -> Path:
-    """A random target + EAGLE draft at the bundled models' size (d 256, 8 layers), for timing."""
+def make_random_models(directory: Path, hidden: int = 256, layers: int = 8) -> Path:
+    """A random target + EAGLE draft at the bundled models' size (d 256, 8 layers; the default
+    vision tower and frame size), for timing."""
     if (directory / "target" / "model.safetensors").is_file():
         return directory
     torch.manual_seed(0)
@@ -59,7 +60,6 @@ def make_random_models(directory: Path, hidden: int = 256, layers: int = 8, imag
     shutil.copy(default_tokenizer_path(), directory / "tokenizer.json")
     cfg = TargetConfig(decoder=DecoderConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_layers=layers,
                                              intermediate_size=3 * hidden, max_positions=512),
-                       vision=VisionConfig(image_height=image_size[0], image_width=image_size[1]),
                        image_pad_id=tokenizer.id("<|image_pad|>"))
     target = TargetVLA(cfg).eval()
     target.save_pretrained(directory / "target")
@@ -94,9 +94,9 @@ def stage_latency(target, draft, builder: PromptBuilder, scenes: list[dict], k: 
         prompt = builder.build(scene["images"], scene["history_tokens"])
         max_len = len(prompt) + MAX_COC_TOKENS + k + 4
         target.start(max_len)
-        ms, embeds = _timed(lambda: target.encode_images(prompt.images))
+        ms, visual = _timed(lambda: target.encode_images(prompt.images))
         times["vision"].append(ms)
-        ms, (logits, features) = _timed(lambda: target.prefill(prompt.input_ids, embeds, prompt.mrope_positions))
+        ms, (logits, features) = _timed(lambda: target.prefill(prompt.input_ids, visual, prompt.mrope_positions))
         times["prefill"].append(ms)
         token, base = int(logits.argmax()), target.length
         for _ in range(repeats):

@@ -90,9 +90,9 @@ class Planner:
         if drafter is not None:
             drafter.start(max_len)
         lap("prompt")
-        image_embeds = self.target.encode_images(prompt.images)
+        visual = self.target.encode_images(prompt.images)
         lap("vision")
-        logits, features = self.target.prefill(prompt.input_ids, image_embeds, prompt.mrope_positions)
+        logits, features = self.target.prefill(prompt.input_ids, visual, prompt.mrope_positions)
         lap("prefill")
         stats, sources = {"draft_k": k if drafter is not None else 0}, []
         if drafter is None:

@@ -3,9 +3,11 @@
 A tiny random target + EAGLE draft is saved to a temporary models directory and exported with
 `chain-spec-export`; each available backend (ONNX Runtime on CPU always; ONNX Runtime CUDA and
 TensorRT where the machine has them) is compared with the torch engine on the same device:
-logits (fp32) within 1e-3 for prefill, decode, and a k+1 verify after a rollback; features;
-the expert's trajectory within 1e-3; the draft's hidden states and logits; and the greedy CoC
-from the Planner, target-only and speculative, token for token.
+image embeddings and deepstack features; logits (fp32) within 1e-3 for prefill, decode, and a
+k+1 verify after a rollback; features; the expert's trajectory within 1e-3 of its scale; the
+draft's hidden states and logits; and the greedy CoC from the Planner, target-only and
+speculative, token for token. A VLM-only target (no expert) exports and decodes without an expert graph and refuses
+trajectories.
 """
 import json
 import shutil
@@ -19,6 +21,7 @@ from chain_spec_ros.drafters import EagleDrafter
 from chain_spec_ros.engines import auto_export, export, manifest
 from chain_spec_ros.engines.factory import build_engines
 from chain_spec_ros.engines.graph_engine import GraphTargetEngine
+from chain_spec_ros.models.checkpoint import load_target_config
 from chain_spec_ros.models.config import TargetConfig
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
 from chain_spec_ros.models.target import TargetVLA
@@ -27,8 +30,13 @@ from chain_spec_ros.paths import default_tokenizer_path
 from chain_spec_ros.planner import Planner
 from chain_spec_ros.prompt import PromptBuilder
 from chain_spec_ros.replay.fixtures import write_tiny_models
+from conftest import random_scene
 
 TOL = 1e-3
+# Trajectories, relative to their scale: the expert's Fourier features (max_freq 100) turn float32
+# rounding of its inputs (1e-7 relative) into velocity differences of 1e-5..1e-4 relative,
+# which ten Euler steps and the unicycle carry along a path of tens of metres.
+PATH_RTOL = 1e-3
 MAX_NEW = 40  # planner.MAX_COC_TOKENS is 64; a random model rarely stops earlier
 
 
@@ -49,8 +57,7 @@ def models(tmp_path_factory):
     target = TargetVLA(cfg).eval()
     with torch.no_grad():  # CoCs of varied length (some stop inside a drafted block); non-trivial action scale
         target.decoder.lm_head.weight[tok.id("<|cot_end|>")] *= 1.8
-        target.expert.normalizer.mean.copy_(torch.tensor([0.3, -0.01]))
-        target.expert.normalizer.std.copy_(torch.tensor([1.5, 0.02]))
+        target.expert.action_space.set_stats([0.3, -0.01], [1.5, 0.02])
     target.save_pretrained(root / "target")
     draft_cfg = DraftConfig.for_target(cfg.decoder)  # with a draft vocabulary: the graphs compute its head rows only
     draft_cfg.vocab = sorted({tok.id("<|cot_end|>"), *torch.randperm(tok.vocab_size)[:400].tolist()})
@@ -90,20 +97,24 @@ def pair(request, models):
 @pytest.fixture(scope="module")
 def builder(models):
     tok = ChainTokenizer.load(models / "tokenizer.json")
-    return PromptBuilder(tok, *TargetConfig.load(models / "target" / "config.json").vision.grid)
+    return PromptBuilder(tok, *load_target_config(models / "target").vision.grid)
 
 
 def _prompt(builder, seed):
-    rng = np.random.default_rng(seed)
-    return builder.build(rng.integers(0, 255, size=(2, 4, 48, 96, 3), dtype=np.uint8), rng.integers(0, 1000, size=48))
+    return builder.build(*random_scene(seed))
 
 
 def _diff(a, b) -> float:
     """Largest absolute difference; equal infinities (tokens outside the draft vocabulary) count as 0."""
-    if isinstance(a, list):
+    if isinstance(a, (list, tuple)):
         return max(_diff(x, y) for x, y in zip(a, b))
     a, b = a.detach().cpu(), b.detach().cpu()
     return float(torch.where(a == b, torch.zeros_like(a), a - b).abs().max())
+
+
+def _assert_paths_close(got, want) -> None:
+    error, scale = np.abs(got - want).max(), np.abs(want).max()
+    assert error < TOL + PATH_RTOL * scale, f"largest difference {error:.3g} on a path of scale {scale:.3g}"
 
 
 def _target_trace(engine, prompt):
@@ -129,7 +140,14 @@ def test_export_writes_checked_graphs_and_manifest(models):
     assert written["target"]["feature_layers"] == [1, 2]  # the draft's [1, 1, 2], one output per layer
     assert written["target"]["fingerprint"] == manifest.fingerprint(models / "target")
     assert written["draft"]["fingerprint"] == manifest.fingerprint(models / "draft")
+    assert written["target"]["deepstack_layers"] == 2 and written["target"]["expert"]["horizon"] == 64
+    vision = written["graphs"]["target_vision"]  # 2 x 4 merged tokens per 64 x 128 frame, 2 deepstack layers
+    assert vision["inputs"]["images"] == {"shape": ["num_images", 64, 128, 3], "dtype": "uint8"}
+    assert vision["outputs"]["image_embeds"]["shape"] == ["num_images", 8, 64]
+    assert vision["outputs"]["deepstack"]["shape"] == [2, "num_images", 8, 64]
     decoder = written["graphs"]["target_decoder"]
+    assert decoder["inputs"]["deepstack"]["shape"] == [2, 1, "tokens", 64]
+    assert written["graphs"][verify]["inputs"]["deepstack"]["shape"] == [2, 1, DEFAULT_K + 1, 64]
     assert decoder["inputs"]["positions"]["shape"] == [3, "tokens"]
     assert decoder["inputs"]["past_key_0"]["shape"] == [1, 2, "cache_len", 16]
     assert decoder["outputs"]["new_value_2"]["shape"] == [1, 2, "tokens", 16]
@@ -167,6 +185,8 @@ def test_target_logits_and_features_match_torch(pair, builder):
         prompt = _prompt(builder, seed)
         got, want = _target_trace(engine, prompt), _target_trace(reference, prompt)
         assert got["length"] == want["length"] == len(prompt) + 9
+        assert got["vision"].embeds.shape == want["vision"].embeds.shape == (8, 8, 64)
+        assert got["vision"].deepstack.shape == want["vision"].deepstack.shape == (2, 8, 8, 64)
         assert _diff(got["vision"], want["vision"]) < TOL
         for stage in ("prefill", "decode1", "decode2", "verify", "verify_after_rollback"):
             (logits, features), (ref_logits, ref_features) = got[stage], want[stage]
@@ -183,8 +203,8 @@ def test_trajectory_matches_torch(pair, builder, steps):
         _target_trace(e, prompt)
     got = engine.trajectory(prompt.rope_delta, 7.5, steps, seed=11)
     want = reference.trajectory(prompt.rope_delta, 7.5, steps, seed=11)
-    assert np.abs(got.xy - want.xy).max() < TOL
-    assert np.abs(got.controls - want.controls).max() < TOL
+    _assert_paths_close(got.xy, want.xy)
+    _assert_paths_close(got.controls, want.controls)
 
 
 @pytest.mark.parametrize("mode", ["flat", "mrope"])
@@ -257,17 +277,14 @@ class _OracleDrafter:
 
 def test_planner_greedy_coc_is_identical(pair, builder, monkeypatch):
     """Target-only and speculative (EAGLE draft, and an oracle draft that gets long acceptances)
-    CoCs equal the torch engine's, token for token; the trajectories agree within 1e-3."""
+    CoCs equal the torch engine's, token for token; the trajectories agree within 1e-3 of their scale."""
     import chain_spec_ros.planner as planner_module
 
     monkeypatch.setattr(planner_module, "MAX_COC_TOKENS", MAX_NEW)
     (target, draft), (ref_target, ref_draft) = pair
     stats, lengths = [], []
     for seed in range(4):
-        prompt_seed = 100 + seed
-        rng = np.random.default_rng(prompt_seed)
-        images = rng.integers(0, 255, size=(2, 4, 48, 96, 3), dtype=np.uint8)
-        history = rng.integers(0, 1000, size=48)
+        images, history = random_scene(100 + seed)
         results = {}
         for name, t, d in (("engine", target, draft), ("torch", ref_target, ref_draft)):
             plain = Planner(t, builder).plan(images, history, 6.0)
@@ -279,7 +296,7 @@ def test_planner_greedy_coc_is_identical(pair, builder, monkeypatch):
             lengths.append(len(plain.coc_ids))
         for got, want in zip(results["engine"], results["torch"]):
             assert got.coc_ids == want.coc_ids
-            assert np.abs(got.trajectory_xy - want.trajectory_xy).max() < TOL
+            _assert_paths_close(got.trajectory_xy, want.trajectory_xy)
     assert max(stats) > 2.0  # the oracle's verify passes accepted several drafts at once
 
 
@@ -294,7 +311,7 @@ def test_decoding_steps_reuse_preallocated_buffers(pair, builder):
     engine.decode([7, 8, 9], prompt.rope_delta)
     calls = dict(engine._calls)
     if "target_decoder_t1" in engine.graphs:  # ONNX Runtime CPU: decode runs the fixed 1-token graph
-        assert ("target_decoder_t1", 1, 1) in calls.keys()
+        assert ("target_decoder_t1", 1, 1, False) in calls.keys()
     buffers = {key: call.outputs["logits"].data_ptr() for key, call in calls.items() if key[0].startswith("target_decoder")}
     for _ in range(5):
         returned, _ = engine.decode([7], prompt.rope_delta)
@@ -305,6 +322,13 @@ def test_decoding_steps_reuse_preallocated_buffers(pair, builder):
         if key[0].startswith("target_decoder_"):
             assert "new_kv" not in call.extra
             assert call.outputs["present_key_0"].data_ptr() == call.inputs["past_key_0"].data_ptr()
+    decoder_calls = {key: call for key, call in calls.items() if key[0].startswith("target_decoder")}
+    prefill, = (call for key, call in decoder_calls.items() if key[-1])
+    is_pad = torch.from_numpy(prompt.input_ids == engine.config.image_pad_id)
+    assert (prefill.inputs["deepstack"][:, 0, is_pad] != 0).any(-1).all()  # the image features at the pads
+    assert (prefill.inputs["deepstack"][:, 0, ~is_pad] == 0).all()
+    steps = [call for key, call in decoder_calls.items() if not key[-1]]
+    assert steps and all((call.inputs["deepstack"] == 0).all() for call in steps)  # text steps add nothing
     assert engine._calls.keys() == calls.keys()  # no new binding per step
     assert {key: calls[key].outputs["logits"].data_ptr() for key in buffers} == buffers
     assert returned.data_ptr() not in buffers.values()  # the caller owns what it gets
@@ -317,6 +341,22 @@ def test_decoding_steps_reuse_preallocated_buffers(pair, builder):
         hidden, _ = draft.step([j], hidden, prompt.positions(j, 1, "flat"))
     draft.crop(1)
     assert draft.cache.data_ptr() == cache and draft.length == 1
+
+
+def test_prefill_rewrites_the_deepstack_input(pair, builder):
+    """A prompt without images after one with images, of the same length (so the same bound
+    call): its deepstack input is zero again, and its logits are torch's."""
+    (engine, _), (reference, _) = pair
+    prompt = _prompt(builder, 8)
+    text_only = np.where(prompt.input_ids == engine.config.image_pad_id, builder.ids["<|vision_start|>"],
+                         prompt.input_ids)
+    results = []
+    for e in (engine, reference):
+        e.start(len(prompt) + 8)
+        e.prefill(prompt.input_ids, e.encode_images(prompt.images), prompt.mrope_positions)
+        e.start(len(prompt) + 8)
+        results.append(e.prefill(text_only, None, prompt.mrope_positions))
+    assert _diff(results[0][0], results[1][0]) < TOL and _diff(results[0][1], results[1][1]) < TOL
 
 
 def test_verify_without_room_for_padding_runs_the_dynamic_graph(pair, builder, monkeypatch):
@@ -350,7 +390,7 @@ def test_tensorrt_profiles_cover_every_graph_input(models):
     from chain_spec_ros.engines.trt_engine import choose_profile
 
     exported = manifest.load_manifest(models, models / "draft")
-    config = TargetConfig.load(models / "target" / "config.json")
+    config = load_target_config(models / "target")
     built = profiles(exported, config, cache_len=400, k=7, max_images=32, prefill_opt=256)
     assert set(built) == set(manifest.GRAPHS)
     for name, graph_profiles in built.items():
@@ -364,8 +404,9 @@ def test_tensorrt_profiles_cover_every_graph_input(models):
                 assert all(isinstance(d, str) or a == c == d for d, a, c in zip(dims, low, high)), (name, input_name)
 
     def shapes(tokens, rows):
-        return {name: (1, tokens, 64) if name == "inputs_embeds" else (3, tokens) if name == "positions" else
-                (rows,) if name == "logit_index" else low for name, (low, _, _) in built["target_decoder"][0].items()}
+        by_tokens = {"inputs_embeds": (1, tokens, 64), "positions": (3, tokens), "logit_index": (rows,),
+                     "deepstack": (2, 1, tokens, 64)}
+        return {name: by_tokens.get(name, low) for name, (low, _, _) in built["target_decoder"][0].items()}
 
     decoder = built["target_decoder"]
     assert choose_profile(decoder, shapes(249, 1)) == (0, False)  # prefill
@@ -406,6 +447,43 @@ def test_stale_draft_export_is_reported(models, tmp_path):
         build_engines(copy, "onnxruntime", copy / "draft")
 
 
+def test_export_of_an_older_format_is_stale_and_auto_reexports_it(models, tmp_path):
+    """An export from before the deepstack input (format 3, no deepstack layer count) is refused
+    by a named backend with the command that fixes it, and backend auto exports afresh."""
+    copy = _copy_models(models, tmp_path)
+    path = copy / "onnx" / "manifest.json"
+    old = json.loads(path.read_text())
+    old["format"] = 3
+    del old["target"]["deepstack_layers"]
+    path.write_text(json.dumps(old))
+    with pytest.raises(manifest.StaleExportError, match="export format 3, this code reads .*re-run: chain-spec-export"):
+        build_engines(copy, "onnxruntime", copy / "draft")
+    engine, _ = build_engines(copy, "auto", copy / "draft", providers=["CPUExecutionProvider"])
+    assert engine.backend == "onnxruntime" and f"exported the graphs to {copy / 'onnx'}" in engine.fallback_reason
+    assert engine.spec["deepstack_layers"] == 2
+
+
+def test_vlm_only_target_exports_no_expert_graph_and_refuses_trajectories(models, tmp_path, builder):
+    """A bare Qwen3-VL checkpoint (the target's VLM folder on its own): no expert graph in the
+    export, ONNX Runtime decodes as torch does, and both engines refuse a trajectory, saying why."""
+    vlm_only = tmp_path / "vlm_only"
+    shutil.copytree(models / "target" / "vlm", vlm_only / "target")
+    shutil.copy(models / "tokenizer.json", vlm_only / "tokenizer.json")
+    assert export.main(["--models", str(vlm_only)]) == 0
+    written = manifest.load_manifest(vlm_only)
+    assert written["target"]["expert"] is None and manifest.EXPERT_GRAPH not in written["graphs"]
+    assert not (vlm_only / "onnx" / f"{manifest.EXPERT_GRAPH}.onnx").exists()
+    engine, _ = build_engines(vlm_only, "onnxruntime", providers=["CPUExecutionProvider"])
+    reference, _ = build_engines(vlm_only, "torch", device="cpu")
+    prompt = _prompt(builder, 9)
+    got, want = _target_trace(engine, prompt), _target_trace(reference, prompt)
+    for stage in ("prefill", "decode1", "verify_after_rollback"):
+        assert _diff(got[stage][0], want[stage][0]) < TOL, stage
+    for e in (engine, reference):
+        with pytest.raises(ValueError, match="no trajectory expert"):
+            e.trajectory(prompt.rope_delta, 5.0, None, 0)
+
+
 def test_auto_exports_on_first_use_and_matches_torch(tmp_path, builder):
     """`auto` on a models directory without an export: exports into MODELS/onnx, runs ONNX
     Runtime, says why not TensorRT, computes what torch computes; the next start reuses the export."""
@@ -421,8 +499,8 @@ def test_auto_exports_on_first_use_and_matches_torch(tmp_path, builder):
     got, want = _target_trace(target, prompt), _target_trace(reference, prompt)
     for stage in ("prefill", "decode1", "verify", "verify_after_rollback"):
         assert _diff(got[stage][0], want[stage][0]) < TOL and _diff(got[stage][1], want[stage][1]) < TOL, stage
-    assert np.abs(target.trajectory(prompt.rope_delta, 5.0, None, 3).xy
-                  - reference.trajectory(prompt.rope_delta, 5.0, None, 3).xy).max() < TOL
+    _assert_paths_close(target.trajectory(prompt.rope_delta, 5.0, None, 3).xy,
+                        reference.trajectory(prompt.rope_delta, 5.0, None, 3).xy)
     again, _ = build_engines(models, "auto", models / "draft", providers=["CPUExecutionProvider"])
     assert again.backend == "onnxruntime" and "exported the graphs" not in again.fallback_reason
 

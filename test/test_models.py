@@ -9,7 +9,7 @@ from chain_spec_ros.models.expert import integrate_unicycle
 from chain_spec_ros.models.kv_cache import KVCache
 from chain_spec_ros.models.rope import mrope_position_ids
 from chain_spec_ros.models.target import TargetVLA
-from chain_spec_ros.models.vision import VisionEncoder
+from chain_spec_ros.models.vision import VisionTower, VisualFeatures
 
 PAD = 63
 
@@ -20,8 +20,8 @@ def tiny_config(**decoder) -> TargetConfig:
     dec.update(decoder)
     return TargetConfig(
         decoder=DecoderConfig(**dec),
-        vision=VisionConfig(image_height=32, image_width=48, patch_size=8, hidden_size=32,
-                            num_layers=1, num_heads=2, intermediate_size=64),
+        vision=VisionConfig(image_height=32, image_width=64, depth=1, hidden_size=32, num_heads=2,
+                            intermediate_size=64, deepstack_visual_indexes=[0]),
         expert=ExpertConfig(hidden_size=32, num_heads=2, intermediate_size=64, horizon=16),
         image_pad_id=PAD,
     )
@@ -34,8 +34,9 @@ def model() -> TargetVLA:
 
 
 def prompt(model: TargetVLA, n_images: int = 2):
-    """A prompt with n images (text between), its ids, image embeddings and M-RoPE positions."""
-    rows, cols = model.cfg.vision.grid
+    """A prompt with n images (text between), its ids, visual features and M-RoPE positions."""
+    vision = model.cfg.vision
+    rows, cols = vision.grid
     g = torch.Generator().manual_seed(3)
     segments, ids = [], []
     for _ in range(n_images):
@@ -43,7 +44,8 @@ def prompt(model: TargetVLA, n_images: int = 2):
         ids += torch.randint(0, PAD, (3,), generator=g).tolist() + [PAD] * (rows * cols)
     segments.append(("text", 4))
     ids += torch.randint(0, PAD, (4,), generator=g).tolist()
-    images = torch.randint(0, 256, (n_images, 32, 48, 3), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n_images, vision.image_height, vision.image_width, 3), dtype=torch.uint8,
+                           generator=g)
     pos, delta = mrope_position_ids(segments)
     return torch.tensor([ids]), model.encode_images(images), pos, delta
 
@@ -69,43 +71,45 @@ def test_kv_cache_append_crop_views():
 
 
 def test_vision_tokens_are_row_major_merged_cells():
-    cfg = VisionConfig(image_height=32, image_width=48, patch_size=8, hidden_size=16, num_layers=0,
+    cfg = VisionConfig(image_height=64, image_width=96, depth=0, deepstack_visual_indexes=[], hidden_size=16,
                        num_heads=2, out_hidden_size=24)
-    enc = VisionEncoder(cfg).eval()
+    enc = VisionTower(cfg).eval()
     rows, cols = cfg.grid
-    img = torch.randint(0, 256, (1, 32, 48, 3), dtype=torch.uint8)
-    base = enc(img)
+    img = torch.randint(0, 256, (1, 64, 96, 3), dtype=torch.uint8)
+    base = enc(img).embeds
     assert base.shape == (1, rows * cols, 24)
-    # Without attention layers each output token sees only its own 16x16 cell.
+    # Without vision blocks each merged token sees only its own 32x32 cell (2 x 2 patches of 16).
     img2 = img.clone()
-    img2[0, 16:32, 32:48] = 255 - img2[0, 16:32, 32:48]  # cell (row 1, col 2)
-    changed = (enc(img2) - base).abs().amax(-1)[0] > 0
+    img2[0, 32:64, 64:96] = 255 - img2[0, 32:64, 64:96]  # cell (row 1, col 2)
+    changed = (enc(img2).embeds - base).abs().amax(-1)[0] > 0
     assert changed.nonzero().flatten().tolist() == [1 * cols + 2]
-    # float [N, 3, H, W] in [0, 1] is the same image as uint8 [N, H, W, 3].
-    torch.testing.assert_close(enc(img.permute(0, 3, 1, 2).float() / 255), base)
 
 
 def test_build_inputs_embeds_fills_pads_in_order(model):
-    ids, image_embeds, _, _ = prompt(model)
-    embeds = model.build_inputs_embeds(ids, image_embeds)
+    ids, visual, _, _ = prompt(model)
+    embeds, deepstack = model.build_inputs_embeds(ids, visual)
+    d = embeds.shape[-1]
     pads = (ids[0] == PAD).nonzero().flatten()
-    torch.testing.assert_close(embeds[0, pads], image_embeds.reshape(-1, embeds.shape[-1]))
+    torch.testing.assert_close(embeds[0, pads], visual.embeds.reshape(-1, d))
     text = (ids[0] != PAD).nonzero().flatten()
     torch.testing.assert_close(embeds[0, text], model.decoder.embed(ids[0, text]))
+    # Deepstack features [L, B, T, D]: the image tokens' at the pads, zero at the text.
+    torch.testing.assert_close(deepstack[:, 0, pads], visual.deepstack.reshape(len(visual.deepstack), -1, d))
+    assert (deepstack[:, 0, text] == 0).all()
     with pytest.raises(ValueError):
-        model.build_inputs_embeds(ids, image_embeds[:1])
+        model.build_inputs_embeds(ids, VisualFeatures(visual.embeds[:1], visual.deepstack[:, :1]))
 
 
 @torch.no_grad()
 def test_prefill_then_decode_equals_one_pass(model):
-    ids, image_embeds, pos, delta = prompt(model)
+    ids, visual, pos, delta = prompt(model)
     P = ids.shape[1]
     new = torch.randint(0, PAD, (1, 5))
     # One pass over prompt + new text, with the new text at positions P + j + delta.
     full_pos = torch.cat([pos, (P + torch.arange(5) + delta).expand(3, -1)], dim=1)
-    ref, _ = model.prefill(torch.cat([ids, new], 1), image_embeds, full_pos, model.new_cache())
+    ref, _ = model.prefill(torch.cat([ids, new], 1), visual, full_pos, model.new_cache())
     cache = model.new_cache()
-    model.prefill(ids, image_embeds, pos, cache)
+    model.prefill(ids, visual, pos, cache)
     step, _ = model.decode(new[:, :2], cache, delta)  # a 2-token verify pass
     torch.testing.assert_close(step, ref[:, P:P + 2], atol=1e-5, rtol=0)
     for j in range(2, 5):
@@ -115,10 +119,10 @@ def test_prefill_then_decode_equals_one_pass(model):
 
 
 def test_expert_shapes_loss_and_conditioning(model):
-    ids, image_embeds, pos, delta = prompt(model)
+    ids, visual, pos, delta = prompt(model)
     cache = model.new_cache(batch_size=1)
     with torch.no_grad():
-        model.prefill(ids, image_embeds, pos, cache)
+        model.prefill(ids, visual, pos, cache)
     length = cache.length
     expert = model.expert
     H = model.cfg.expert.horizon
@@ -211,10 +215,10 @@ def test_save_load_round_trip(tmp_path, tie):
     if tie:
         assert loaded.decoder.lm_head.weight is loaded.decoder.embed_tokens.weight
     with torch.no_grad():
-        ids, image_embeds, pos, delta = prompt(model)
-        a, _ = model.prefill(ids, image_embeds, pos, model.new_cache())
-        ids, image_embeds, pos, delta = prompt(loaded)  # same images, encoded by the loaded model
-        b, _ = loaded.prefill(ids, image_embeds, pos, loaded.new_cache())
+        ids, visual, pos, delta = prompt(model)
+        a, _ = model.prefill(ids, visual, pos, model.new_cache())
+        ids, visual, pos, delta = prompt(loaded)  # same images, encoded by the loaded model
+        b, _ = loaded.prefill(ids, visual, pos, loaded.new_cache())
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 

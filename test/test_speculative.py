@@ -6,9 +6,10 @@ import torch
 from chain_spec_ros.drafters import EagleDrafter, NgramDrafter
 from chain_spec_ros.engines.torch_engine import TorchDraftEngine, TorchTargetEngine
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft
-from chain_spec_ros.planner import greedy_decode
+from chain_spec_ros.planner import target_decode
+from chain_spec_ros.sampling import Sampling
 from chain_spec_ros.speculative import speculative_decode, verify_sampled
-from conftest import tiny_target
+from conftest import random_scene, tiny_target
 
 MAX_NEW = 40
 
@@ -24,9 +25,7 @@ def setup():
 
 
 def _prompt(builder, seed):
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 255, size=(2, 4, 48, 96, 3), dtype=np.uint8)
-    return builder.build(images, rng.integers(0, 1000, size=48))
+    return builder.build(*random_scene(seed))
 
 
 def _prefill(model, prompt, layers):
@@ -38,7 +37,7 @@ def _prefill(model, prompt, layers):
 
 def _greedy(target, builder, prompt):
     engine, logits, _ = _prefill(target, prompt, [])
-    tokens = greedy_decode(engine, logits, prompt.rope_delta, MAX_NEW, builder.cot_end_id)
+    tokens = target_decode(engine, logits, prompt.rope_delta, MAX_NEW, builder.cot_end_id)
     return tokens, engine.length
 
 
@@ -136,6 +135,6 @@ def test_speculative_sampling_keeps_the_target_distribution():
     n = 20000
     for _ in range(n):
         draft = int(torch.multinomial(q, 1, generator=generator))
-        accepted, next_token = verify_sampled([draft], q[None], logits, 1.0, generator)
+        accepted, next_token = verify_sampled([draft], q[None], logits, Sampling(temperature=1.0), generator)
         counts[draft if accepted else next_token] += 1
     assert torch.allclose(counts / n, p, atol=0.015)

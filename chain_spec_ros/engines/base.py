@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..models.config import TargetConfig
+from ..models.config import ExpertConfig, TargetConfig
 from ..models.draft import DraftConfig
 from ..models.expert import Trajectory
+from ..models.vision import VisualFeatures
 
 
 @dataclass
@@ -32,6 +33,15 @@ class TrajectoryOut:
                    torch.stack([t.accel[0], t.curvature[0]], -1).cpu().numpy())
 
 
+def require_expert(config: TargetConfig) -> ExpertConfig:
+    """The target's expert config; a target without one (a bare Qwen3-VL checkpoint) cannot
+    plan a trajectory, and says so."""
+    if config.expert is None:
+        raise ValueError("this target has no trajectory expert (a VLM-only checkpoint: its config's expert is "
+                         "None), so it can reason but not produce a trajectory")
+    return config.expert
+
+
 class TargetEngine(ABC):
     """The deliberative reasoner: vision encoder, prefill, decode / verify, trajectory expert."""
 
@@ -45,12 +55,16 @@ class TargetEngine(ABC):
         """Begin a request: empty cache (valid length 0) with room for max_len tokens."""
 
     @abstractmethod
-    def encode_images(self, images: np.ndarray) -> Tensor:
-        """uint8 [N, H, W, 3] -> image embeddings [N, tokens_per_image, D]."""
+    def encode_images(self, images: np.ndarray) -> VisualFeatures:
+        """Camera frames uint8 [N, H, W, 3] BGR -> image embeddings [N, tokens_per_image, D] and
+        deepstack features [L, N, tokens_per_image, D]."""
 
     @abstractmethod
-    def prefill(self, input_ids: np.ndarray, image_embeds: Tensor, positions: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Prompt ids [P] with 3-D positions [3, P] into the cache -> (last logits [V], features [1, P, D] each)."""
+    def prefill(self, input_ids: np.ndarray, visual: VisualFeatures | None, positions: Tensor
+                ) -> tuple[Tensor, list[Tensor]]:
+        """Prompt ids [P] with 3-D positions [3, P] into the cache, the `<|image_pad|>` positions
+        taking `visual` (from `encode_images`; None for a prompt without images) -> (last logits
+        [V], features [1, P, D] each)."""
 
     @abstractmethod
     def decode(self, tokens: list[int], rope_delta: int) -> tuple[Tensor, list[Tensor]]:
@@ -67,7 +81,8 @@ class TargetEngine(ABC):
 
     @abstractmethod
     def trajectory(self, rope_delta: int, speed: float, steps: int | None, seed: int) -> TrajectoryOut:
-        """Sample the expert over the cache (prompt + CoC + `<|cot_end|><|traj_future_start|>`)."""
+        """Sample the expert over the cache (prompt + CoC + `<|cot_end|><|traj_future_start|>`).
+        ValueError when the target has no expert (`require_expert`)."""
 
 
 class DraftEngine(ABC):

@@ -12,6 +12,7 @@ the runtime allocates exactly S per layer):
   target_decoder  prefill T in [1, S] (1 logit row) | decode T = 1 | verify T = k + 1
   draft_step      any T in [1, S] (the prompt pass and the accepted tokens) | chain step T = 1
   draft_fuse      T in [1, S];  target_vision  N images in [1, --max-images];  target_expert  fixed
+(the decoder's deepstack input follows its token count; no expert graph for a VLM-only target)
 The fixed profiles are what the runtime replays as CUDA graphs.
 
 Precision: fp16 by default. TensorRT 10 lowers the fp32 graphs with BuilderFlag.FP16 (I/O stays
@@ -31,9 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..models.config import TargetConfig
 from ..constants import DEFAULT_K
-from .manifest import ExportError, load_manifest
+from ..models.checkpoint import load_target_config
+from ..models.config import TargetConfig
+from .manifest import EXPERT_GRAPH, ExportError, load_manifest
 from .trt_engine import ENGINES_MANIFEST, TRT_DIR, file_sha256, trt_logger, trt_unavailable_reason
 
 Shape = tuple[int, ...]
@@ -57,9 +59,12 @@ def profiles(manifest: dict, config: TargetConfig, cache_len: int, k: int, max_i
     past = {f"past_{kind}_{i}": _fixed((1, kv, cache_len, hd)) for kind in ("key", "value") for i in range(n)}
 
     def decoder(low: int, mid: int, high: int, rows: tuple[int, int, int]) -> Profile:
-        return {"inputs_embeds": _ranged(lambda x: (1, x, d), low, mid, high),
-                "positions": _ranged(lambda x: (3, x), low, mid, high),
-                "past_length": _fixed((1,)), "logit_index": _ranged(lambda x: (x,), *rows), **past}
+        profile = {"inputs_embeds": _ranged(lambda x: (1, x, d), low, mid, high),
+                   "positions": _ranged(lambda x: (3, x), low, mid, high),
+                   "past_length": _fixed((1,)), "logit_index": _ranged(lambda x: (x,), *rows), **past}
+        if t["deepstack_layers"]:
+            profile["deepstack"] = _ranged(lambda x: (t["deepstack_layers"], 1, x, d), low, mid, high)
+        return profile
 
     v = config.vision
     out: dict[str, list[Profile]] = {
@@ -67,9 +72,11 @@ def profiles(manifest: dict, config: TargetConfig, cache_len: int, k: int, max_i
                                              max_images)}],
         "target_decoder": [decoder(1, opt, cache_len, (1, 1, cache_len)), decoder(1, 1, 1, (1, 1, 1)),
                            decoder(k + 1, k + 1, k + 1, (k + 1, k + 1, k + 1))],
-        "target_expert": [{"actions": _fixed((1, t["horizon"], t["action_dim"])), "flow_time": _fixed((1,)),
-                           "valid_length": _fixed((1,)), "rope_delta": _fixed((1,)), **past}],
     }
+    expert = t["expert"]
+    if expert is not None:
+        out[EXPERT_GRAPH] = [{"actions": _fixed((1, expert["horizon"], expert["action_dim"])), "flow_time": _fixed((1,)),
+                              "valid_length": _fixed((1,)), "rope_delta": _fixed((1,)), **past}]
     draft = manifest.get("draft")
     if draft is not None:
         dpast = {f"past_{kind}_0": _fixed((1, draft["num_kv_heads"], cache_len, draft["head_dim"])) for kind in ("key", "value")}
@@ -152,7 +159,7 @@ def build_all(models: str | Path, fp16: bool = True, max_len: int | None = None,
 
     models = Path(models)
     manifest = load_manifest(models)
-    config = TargetConfig.load(models / "target" / "config.json")
+    config = load_target_config(models / "target")
     cache_len = max_len or config.decoder.max_positions
     onnx_dir = Path(manifest["dir"])
     out = onnx_dir / TRT_DIR

@@ -32,9 +32,9 @@ from ..models.decoder import Attention, AttentionFunction, Decoder
 from ..models.draft import DraftConfig, EagleDraft
 from ..models.expert import TrajectoryExpert
 from ..models.target import TargetVLA
-from ..models.vision import VisionBlock
-from .manifest import (EMBED_TABLE, FORMAT_VERSION, KV_APPEND, KV_IN_PLACE, MANIFEST, ONNX_DIR, fingerprint,
-                       fixed_name, hidden_name, new_kv_names, past_names, present_names)
+from ..models.vision import VisionAttention, VisionTower
+from .manifest import (EMBED_TABLE, EXPERT_GRAPH, FORMAT_VERSION, KV_APPEND, KV_IN_PLACE, MANIFEST, ONNX_DIR,
+                       fingerprint, fixed_name, hidden_name, new_kv_names, past_names, present_names)
 
 OPSET = 17  # LayerNormalization as one op; supported by ONNX Runtime and TensorRT 10/11
 
@@ -142,7 +142,7 @@ def attention_in(model: nn.Module, attention: AttentionFunction) -> Iterator[Non
     """While tracing: every attention layer of this model instance (decoder, expert, draft and
     vision layers alike) attends with `attention`; each gets its own function back afterwards.
     Other instances, and the rest of the process, keep SDPA."""
-    layers = [m for m in model.modules() if isinstance(m, (Attention, VisionBlock))]
+    layers = [m for m in model.modules() if isinstance(m, (Attention, VisionAttention))]
     own = [layer.attention for layer in layers]
     for layer in layers:
         layer.attention = attention
@@ -169,15 +169,20 @@ class _BufferView:
 
 
 class VisionStep(nn.Module):
-    """`VisionEncoder.forward` on camera-layout uint8 images, converted with the cast *before*
-    the transpose (TensorRT takes uint8 only at inputs and casts); same values as `to_float_image`."""
+    """`VisionTower.forward` (patchify included) on camera frames uint8 [N, H, W, 3] BGR ->
+    image_embeds, plus deepstack when the tower has deepstack layers (a runner cannot use an
+    output of size zero).
 
-    def __init__(self, vision: nn.Module):
+    The frames are cast to float first: the same values (`patchify` casts the 0..255 pixels
+    itself), but TensorRT takes uint8 only at the inputs and into a Cast, not into the BGR flip."""
+
+    def __init__(self, vision: VisionTower):
         super().__init__()
         self.vision = vision
 
-    def forward(self, images: Tensor) -> Tensor:
-        return self.vision(images.float().permute(0, 3, 1, 2) / 255.0)
+    def forward(self, images: Tensor) -> tuple[Tensor, ...]:
+        visual = self.vision(images.float())
+        return (visual.embeds, visual.deepstack) if visual.deepstack.shape[0] else (visual.embeds,)
 
 
 def _cache_attention(in_place: bool, model: nn.Module, past: Sequence[Tensor], past_length: Tensor, num_new: int):
@@ -200,17 +205,20 @@ def _cache_attention(in_place: bool, model: nn.Module, past: Sequence[Tensor], p
 
 
 class DecoderStep(nn.Module):
-    """`Decoder.forward` with the cache as inputs/outputs: the same rotary table, layers, final
-    norm and LM head; only the attention over the cache differs (`_cache_attention`)."""
+    """`Decoder.forward` with the cache as inputs/outputs: the same rotary table, layers,
+    deepstack additions, final norm and LM head; only the attention over the cache differs
+    (`_cache_attention`)."""
 
-    def __init__(self, decoder: Decoder, feature_layers: Sequence[int], in_place: bool = False):
+    def __init__(self, decoder: Decoder, feature_layers: Sequence[int], deepstack_layers: int, in_place: bool = False):
         super().__init__()
-        self.decoder, self.in_place = decoder, in_place
+        self.decoder, self.deepstack_layers, self.in_place = decoder, deepstack_layers, in_place
         n = len(decoder.layers)
         self.feature_layers = sorted({i % n for i in feature_layers})  # one output per distinct layer
 
     def forward(self, inputs_embeds: Tensor, positions: Tensor, past_length: Tensor, logit_index: Tensor,
-                *past: Tensor) -> tuple[Tensor, ...]:
+                *rest: Tensor) -> tuple[Tensor, ...]:
+        """rest: deepstack [L, 1, T, D] when the target has deepstack layers, then the cache buffers."""
+        deepstack, past = (rest[0], rest[1:]) if self.deepstack_layers else (None, rest)
         cos, sin = self.decoder.rotary_emb(positions[:, None])
         context, hook, mask, kv = _cache_attention(self.in_place, self.decoder, past, past_length, inputs_embeds.shape[1])
         saved: dict[int, Tensor] = {}
@@ -218,6 +226,8 @@ class DecoderStep(nn.Module):
         with context:
             for i, layer in enumerate(self.decoder.layers):
                 x = layer(x, cos, sin, hook(i), mask)
+                if i < self.deepstack_layers:
+                    x = x + deepstack[i]
                 saved[i] = x
         logits = self.decoder.lm_head(self.decoder.norm(x.index_select(1, logit_index)))
         hidden = [saved[i] for i in self.feature_layers]
@@ -355,52 +365,69 @@ def _step_entry(path: Path, fixed: int | None, in_place: bool) -> dict:
 
 def export_target(model: TargetVLA, out: Path, feature_layers: Sequence[int], opset: int = OPSET,
                   fixed_tokens: Sequence[int] = (1, DEFAULT_K + 1)) -> dict:
-    """Vision encoder, decoder step and expert step of `model` into `out`; returns the manifest's
-    graph entries.
-
-    Besides the decoder graph with a dynamic token axis (prefill, any verify width), one graph
-    per size in `fixed_tokens` (decode: 1, verify: k + 1) is exported with that axis fixed, so
-    its shape arithmetic folds into constants (about 20% less time per decode step in ONNX
-    Runtime on CPU, whose decode cost at this model size is mostly per-operator overhead), and
-    with in-place GroupQueryAttention (`_InPlaceCacheAttention`: 476 nodes -> 308 in the verify
-    graph; graph alone, 2 threads: decode 758 -> 596 us, 17-token verify 1763 -> 1458 us).
-    TensorRT uses the dynamic graph with one optimisation profile per size instead.
-    """
-    cfg, dec = model.cfg, model.cfg.decoder
-    n, kv = dec.num_layers, dec.num_kv_heads
+    """Vision tower, decoder steps and (when the target has one) expert step of `model` into
+    `out`, and the embedding table; returns the manifest's graph entries."""
+    dec = model.cfg.decoder
     S = 12 + max(fixed_tokens, default=0)  # example sizes for tracing (room for 8 + T); the cache axis is dynamic
-    past = [torch.zeros(1, kv, S, dec.head_dim) for _ in range(2 * n)]
+    past = [torch.zeros(1, dec.num_kv_heads, S, dec.head_dim) for _ in range(2 * dec.num_layers)]
+    graphs = {"target_vision": _export_vision(model.vision, out, opset),
+              **_export_decoders(model, past, out, feature_layers, opset, fixed_tokens)}
+    if model.expert is not None:  # a VLM-only target (no trajectory head) has no expert graph
+        graphs[EXPERT_GRAPH] = _export_expert(model.expert, past, out, opset)
+    np.save(out / EMBED_TABLE, model.decoder.embed_tokens.weight.detach().float().numpy())
+    return graphs
+
+
+def _export_vision(vision: VisionTower, out: Path, opset: int) -> dict:
+    cfg = vision.cfg
+    images = torch.zeros(2, cfg.image_height, cfg.image_width, 3, dtype=torch.uint8)
+    outputs = ["image_embeds", "deepstack"] if cfg.deepstack_visual_indexes else ["image_embeds"]
+    _export(VisionStep(vision), (images,), out / "target_vision.onnx", ["images"], outputs,
+            {"images": {0: "num_images"}, "image_embeds": {0: "num_images"}, "deepstack": {1: "num_images"}}, opset)
+    return _graph_io(out / "target_vision.onnx")
+
+
+def _export_decoders(model: TargetVLA, past: list[Tensor], out: Path, feature_layers: Sequence[int], opset: int,
+                     fixed_tokens: Sequence[int]) -> dict:
+    """The decoder step with a dynamic token axis (prefill, any verify width), and one graph per
+    size in `fixed_tokens` (decode: 1, verify: k + 1) with that axis fixed, so its shape
+    arithmetic folds into constants (about 20% less time per decode step in ONNX Runtime on CPU,
+    whose decode cost at this model size is mostly per-operator overhead), and with in-place
+    GroupQueryAttention (`_InPlaceCacheAttention`: 476 nodes -> 308 in the verify graph; graph
+    alone, 2 threads: decode 758 -> 596 us, 17-token verify 1763 -> 1458 us). TensorRT uses the
+    dynamic graph with one optimisation profile per size instead."""
+    dec = model.cfg.decoder
+    n, layers = dec.num_layers, len(model.cfg.vision.deepstack_visual_indexes)
+    deepstack_input = ["deepstack"] if layers else []
     cache_axes = {name: {2: "cache_len"} for name in past_names(n)}
+    hidden = [hidden_name(i) for i in DecoderStep(model.decoder, feature_layers, layers).feature_layers]
     graphs = {}
-
-    images = torch.zeros(2, cfg.vision.image_height, cfg.vision.image_width, 3, dtype=torch.uint8)
-    _export(VisionStep(model.vision), (images,), out / "target_vision.onnx", ["images"], ["image_embeds"],
-            {"images": {0: "num_images"}, "image_embeds": {0: "num_images"}}, opset)
-    graphs["target_vision"] = _graph_io(out / "target_vision.onnx")
-
-    hidden = [hidden_name(i) for i in DecoderStep(model.decoder, feature_layers).feature_layers]
     for fixed in _step_variants(fixed_tokens):
         T = fixed or 3
         name = "target_decoder" if fixed is None else fixed_name("target_decoder", fixed)
         token_axes = {} if fixed else {
             "inputs_embeds": {1: "tokens"}, "positions": {1: "tokens"}, "logit_index": {0: "logit_rows"},
-            "logits": {1: "logit_rows"}, **{h: {1: "tokens"} for h in hidden}, **{k: {2: "tokens"} for k in new_kv_names(n)}}
+            "deepstack": {2: "tokens"}, "logits": {1: "logit_rows"}, **{h: {1: "tokens"} for h in hidden},
+            **{k: {2: "tokens"} for k in new_kv_names(n)}}
+        deepstack = [torch.zeros(layers, 1, T, dec.hidden_size)] if layers else []
         args = (torch.zeros(1, T, dec.hidden_size), torch.arange(T).expand(3, T).contiguous(), torch.tensor([8]),
-                torch.arange(T), *past)
+                torch.arange(T), *deepstack, *past)
         in_place = fixed is not None
         kv_names = present_names(n) if in_place else new_kv_names(n)
-        _export(DecoderStep(model.decoder, feature_layers, in_place), args, out / f"{name}.onnx",
-                ["inputs_embeds", "positions", "past_length", "logit_index", *past_names(n)],
+        _export(DecoderStep(model.decoder, feature_layers, layers, in_place), args, out / f"{name}.onnx",
+                ["inputs_embeds", "positions", "past_length", "logit_index", *deepstack_input, *past_names(n)],
                 ["logits", *hidden, *kv_names], {**token_axes, **cache_axes, **_present_axes(in_place, n)}, opset)
         graphs[name] = _step_entry(out / f"{name}.onnx", fixed, in_place)
-
-    H = cfg.expert.horizon
-    args = (torch.zeros(1, H, cfg.expert.action_dim), torch.zeros(1), torch.tensor([8]), torch.tensor([5]), *past)
-    _export(ExpertStep(model.expert), args, out / "target_expert.onnx",
-            ["actions", "flow_time", "valid_length", "rope_delta", *past_names(n)], ["velocity"], cache_axes, opset)
-    graphs["target_expert"] = _graph_io(out / "target_expert.onnx")
-    np.save(out / EMBED_TABLE, model.decoder.embed_tokens.weight.detach().float().numpy())
     return graphs
+
+
+def _export_expert(expert: TrajectoryExpert, past: list[Tensor], out: Path, opset: int) -> dict:
+    cfg, path = expert.cfg, out / f"{EXPERT_GRAPH}.onnx"
+    args = (torch.zeros(1, cfg.horizon, cfg.action_dim), torch.zeros(1), torch.tensor([8]), torch.tensor([5]), *past)
+    names = past_names(len(past) // 2)
+    _export(ExpertStep(expert), args, path, ["actions", "flow_time", "valid_length", "rope_delta", *names], ["velocity"],
+            {name: {2: "cache_len"} for name in names}, opset)
+    return _graph_io(path)
 
 
 def export_draft(draft: EagleDraft, out: Path, opset: int = OPSET, fixed_tokens: Sequence[int] = (1,)) -> dict:
@@ -428,6 +455,15 @@ def export_draft(draft: EagleDraft, out: Path, opset: int = OPSET, fixed_tokens:
             names, ["fused"], {**{name: {1: "tokens"} for name in names}, "fused": {1: "tokens"}}, opset)
     graphs["draft_fuse"] = _graph_io(out / "draft_fuse.onnx")
     return graphs
+
+
+def _expert_spec(expert: TrajectoryExpert | None) -> dict | None:
+    """What the graph engine needs besides the expert graph to sample a trajectory: the action
+    shape and the statistics that denormalise the sampled actions (None: no expert)."""
+    if expert is None:
+        return None
+    return {"horizon": expert.cfg.horizon, "action_dim": expert.cfg.action_dim,
+            "action_mean": expert.action_space.mean.tolist(), "action_std": expert.action_space.std.tolist()}
 
 
 def export_models(models: str | Path, draft_dir: str | Path | None = None, out: str | Path | None = None,
@@ -468,10 +504,8 @@ def export_models(models: str | Path, draft_dir: str | Path | None = None, out: 
             "hidden_size": cfg.decoder.hidden_size,
             "vocab_size": cfg.decoder.vocab_size,
             "image_pad_id": cfg.image_pad_id,
-            "horizon": cfg.expert.horizon,
-            "action_dim": cfg.expert.action_dim,
-            "action_mean": target.expert.normalizer.mean.tolist(),
-            "action_std": target.expert.normalizer.std.tolist(),
+            "deepstack_layers": len(cfg.vision.deepstack_visual_indexes),
+            "expert": _expert_spec(target.expert),
         },
         "draft": None if draft is None else {
             "source": str(Path(draft_dir).resolve()),

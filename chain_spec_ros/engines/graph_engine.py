@@ -40,13 +40,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..models.checkpoint import load_target_config
 from ..models.config import TargetConfig
 from ..models.draft import DraftConfig
-from ..models.expert import ActionNormalizer, integrate_flow, trajectory_from_actions
-from ..models.target import splice_image_embeds
-from .base import DraftEngine, TargetEngine, TrajectoryOut
-from .manifest import (EMBED_TABLE, KV_IN_PLACE, ExportError, fixed_name, hidden_name, new_kv_names, past_names,
-                       present_names)
+from ..models.expert import UnicycleActionSpace, integrate_flow, trajectory_from_actions
+from ..models.target import scatter_deepstack, splice_image_embeds
+from ..models.vision import VisualFeatures
+from .base import DraftEngine, TargetEngine, TrajectoryOut, require_expert
+from .manifest import (EMBED_TABLE, EXPERT_GRAPH, KV_IN_PLACE, ExportError, fixed_name, hidden_name, new_kv_names,
+                       past_names, present_names)
 
 
 def write_ints(dst: Tensor, values: Iterable[int] | np.ndarray) -> None:
@@ -79,7 +81,7 @@ def on_engine_stream(method):
 
 def load_configs(models: Path, draft_dir: str | Path | None) -> tuple[TargetConfig, DraftConfig | None, list[int]]:
     """(the target's config, the draft's or None, the target layers the draft reads)."""
-    config = TargetConfig.load(models / "target" / "config.json")
+    config = load_target_config(models / "target")
     draft_config = DraftConfig.load(Path(draft_dir) / "config.json") if draft_dir is not None else None
     return config, draft_config, list(draft_config.feature_layers) if draft_config is not None else []
 
@@ -198,7 +200,11 @@ def step_graph(graphs: dict[str, object], name: str, tokens: int | None) -> str:
 
 
 class GraphTargetEngine(GraphEngineBase, TargetEngine):
-    """The target over target_vision / target_decoder / target_expert graphs."""
+    """The target over target_vision / target_decoder / target_expert graphs.
+
+    Deepstack: every decoder call binds a deepstack buffer [L, 1, T, D] once. A prefill writes
+    the image tokens' features at their pad positions and zero elsewhere; decode and verify calls
+    keep theirs zero (text tokens get no deepstack), so a step never copies it."""
 
     def __init__(self, graphs: dict[str, object], manifest: dict, config: TargetConfig, feature_layers: Sequence[int],
                  device: torch.device | str, backend: str):
@@ -216,7 +222,9 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
         self._fixed_widths = sorted(manifest["graphs"][name]["tokens"] for name in graphs
                                     if name.startswith("target_decoder_"))
         self.embed = torch.from_numpy(np.load(Path(manifest["dir"]) / EMBED_TABLE)).to(self.device)
-        self.normalizer = ActionNormalizer.from_stats(spec["action_mean"], spec["action_std"]).to(self.device)
+        expert = spec["expert"]
+        self.action_space = None if expert is None else UnicycleActionSpace().set_stats(
+            expert["action_mean"], expert["action_std"]).to(self.device)
 
     @on_engine_stream
     def start(self, max_len: int) -> None:
@@ -226,22 +234,29 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
         self._length = 0
 
     @on_engine_stream
-    def encode_images(self, images: np.ndarray) -> Tensor:
+    def encode_images(self, images: np.ndarray) -> VisualFeatures:
         images = np.ascontiguousarray(images, dtype=np.uint8)
+        layers, tokens, d = self.spec["deepstack_layers"], self.config.vision.tokens_per_image, self.spec["hidden_size"]
 
         def make() -> Call:
-            tokens = self.config.vision.tokens_per_image
-            return Call({"images": self._empty(*images.shape, dtype=torch.uint8)},
-                        {"image_embeds": self._empty(images.shape[0], tokens, self.spec["hidden_size"])})
+            outputs = {"image_embeds": self._empty(len(images), tokens, d)}
+            if layers:
+                outputs["deepstack"] = self._empty(layers, len(images), tokens, d)
+            return Call({"images": self._empty(*images.shape, dtype=torch.uint8)}, outputs)
 
         call = self._call(("target_vision", images.shape), make)
         call.inputs["images"].copy_(torch.from_numpy(images))
         self.graphs["target_vision"].run(call.handle)
-        return caller_copy(call.outputs["image_embeds"])
+        embeds = caller_copy(call.outputs["image_embeds"])
+        deepstack = caller_copy(call.outputs["deepstack"]) if layers else embeds.new_zeros(0, *embeds.shape)
+        return VisualFeatures(embeds, deepstack)
 
-    def _decoder_call(self, tokens: int, logit_rows: int) -> tuple[tuple, Call]:
+    def _decoder_call(self, tokens: int, logit_rows: int, prefill: bool = False) -> tuple[tuple, Call]:
+        """The bound call of a decoder step. Prefill calls are kept apart from decode calls of the
+        same shape (a 1-token prompt), since only a prefill writes its deepstack buffer."""
         s = self.spec
-        key = (step_graph(self.graphs, "target_decoder", tokens if logit_rows == tokens else None), tokens, logit_rows)
+        graph = step_graph(self.graphs, "target_decoder", tokens if logit_rows == tokens else None)
+        key = (graph, tokens, logit_rows, prefill)
 
         def make() -> Call:
             d, exported = s["hidden_size"], s["feature_layers"]
@@ -251,6 +266,8 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
             write_ints(logit_index, np.arange(tokens - logit_rows, tokens))
             inputs = {"inputs_embeds": self._empty(1, tokens, d), "positions": self._empty(3, tokens, dtype=torch.long),
                       "past_length": self.past_length, "logit_index": logit_index, **self._past()}
+            if s["deepstack_layers"]:  # zero: what a decode or verify step adds
+                inputs["deepstack"] = torch.zeros(s["deepstack_layers"], 1, tokens, d, device=self.device)
             outputs = {"logits": self._empty(1, logit_rows, s["vocab_size"]),
                        **{hidden_name(layer): hidden[j] for j, layer in enumerate(exported)}, **kv_bindings}
             return Call(inputs, outputs, extra={"hidden": hidden, "ids": self._empty(tokens, dtype=torch.long), **kv_extra})
@@ -261,15 +278,28 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
         return [caller_copy(call.extra["hidden"][row, :, :tokens]) for row in self._feature_rows]
 
     @on_engine_stream
-    def prefill(self, input_ids: np.ndarray, image_embeds: Tensor | None, positions: Tensor) -> tuple[Tensor, list[Tensor]]:
-        key, call = self._decoder_call(len(input_ids), 1)
+    def prefill(self, input_ids: np.ndarray, visual: VisualFeatures | None, positions: Tensor
+                ) -> tuple[Tensor, list[Tensor]]:
+        key, call = self._decoder_call(len(input_ids), 1, prefill=True)
         ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)).to(self.device)
+        is_pad = ids == self.config.image_pad_id
         embeds = call.inputs["inputs_embeds"][0]
         torch.index_select(self.embed, 0, ids, out=embeds)
-        splice_image_embeds(embeds, ids == self.config.image_pad_id, image_embeds)
+        splice_image_embeds(embeds, is_pad, None if visual is None else visual.embeds)
+        if "deepstack" in call.inputs:
+            self._write_deepstack(call.inputs["deepstack"], is_pad, visual)
         call.inputs["positions"].copy_(positions)
         self._append_step(key, call, len(input_ids))
         return caller_copy(call.outputs["logits"][0, -1]), self._features(call, len(input_ids))
+
+    @staticmethod
+    def _write_deepstack(buffer: Tensor, is_pad: Tensor, visual: VisualFeatures | None) -> None:
+        """The prompt's deepstack input [L, 1, P, D]: the features at the pad positions, zero
+        elsewhere. All of it is rewritten: the call may have run another prompt of this length."""
+        if visual is None:
+            buffer.zero_()
+        else:
+            buffer.copy_(scatter_deepstack(is_pad[None], visual.deepstack.to(buffer.device), buffer.dtype))
 
     @on_engine_stream
     def decode(self, tokens: list[int], rope_delta: int) -> tuple[Tensor, list[Tensor]]:
@@ -297,15 +327,16 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
         """The expert's flow integrated as `TargetVLA.trajectory` does it (`integrate_flow`, the
         same noise from a torch generator seeded on the engine's device), one graph run per
         velocity evaluation."""
-        s = self.spec
+        config = require_expert(self.config)
+        shape = (1, config.horizon, config.action_dim)
 
         def make() -> Call:
-            inputs = {"actions": self._empty(1, s["horizon"], s["action_dim"]), "flow_time": self._empty(1),
+            inputs = {"actions": self._empty(*shape), "flow_time": self._empty(1),
                       "valid_length": self._empty(1, dtype=torch.long), "rope_delta": self._empty(1, dtype=torch.long),
                       **self._past()}
-            return Call(inputs, {"velocity": self._empty(1, s["horizon"], s["action_dim"])})
+            return Call(inputs, {"velocity": self._empty(*shape)})
 
-        key = ("target_expert",)
+        key = (EXPERT_GRAPH,)
         call = self._call(key, make)
         write_ints(call.inputs["valid_length"], [self._length])
         write_ints(call.inputs["rope_delta"], [rope_delta])
@@ -313,12 +344,12 @@ class GraphTargetEngine(GraphEngineBase, TargetEngine):
         def velocity(x: Tensor, t: float) -> Tensor:
             call.inputs["actions"].copy_(x)
             call.inputs["flow_time"].fill_(t)
-            self._launch(key, call, lambda: self.graphs["target_expert"].run(call.handle))
+            self._launch(key, call, lambda: self.graphs[EXPERT_GRAPH].run(call.handle))
             return call.outputs["velocity"]
 
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        noise = torch.randn(1, s["horizon"], s["action_dim"], generator=generator, device=self.device)
-        actions = self.normalizer.denormalize(integrate_flow(velocity, noise, steps or self.config.expert.euler_steps))
+        noise = torch.randn(*shape, generator=generator, device=self.device)
+        actions = self.action_space.denormalize(integrate_flow(velocity, noise, steps or config.euler_steps))
         return TrajectoryOut.from_trajectory(trajectory_from_actions(actions, float(speed)))
 
 

@@ -1,12 +1,15 @@
 """The ONNX export's format: what the exporter (export.py) writes and the runners read.
 
-    MODELS/onnx/target_vision.onnx   images uint8 [N, H, W, 3] -> image_embeds [N, tokens_per_image, D]
+    MODELS/onnx/target_vision.onnx   images uint8 [N, H, W, 3] BGR -> image_embeds [N, tokens_per_image, D],
+                                     deepstack [L, N, tokens_per_image, D] (L deepstack layers; absent when L = 0)
     MODELS/onnx/target_decoder.onnx  inputs_embeds [1, T, D], positions [3, T] (M-RoPE), past_length [1],
-                                     logit_index [N], past_key_i / past_value_i [1, kv_heads, S, head_dim]
+                                     logit_index [N], deepstack [L, 1, T, D] (when L > 0),
+                                     past_key_i / past_value_i [1, kv_heads, S, head_dim]
                                      -> logits [1, N, V], hidden_<layer> [1, T, D] (the draft's feature layers),
                                         new_key_i / new_value_i [1, kv_heads, T, head_dim]
     MODELS/onnx/target_expert.onnx   actions [1, H, 2], flow_time [1], valid_length [1], rope_delta [1],
                                      past_key_i / past_value_i -> velocity [1, H, 2]
+                                     (absent for a target without a trajectory expert)
     MODELS/onnx/draft_step.onnx      token_ids [1, T], features [1, T, D], positions [3, T], past_length [1],
                                      past_key_0 / past_value_0 -> hidden [1, 1, D] (last), logits [1, V], new_key_0 / new_value_0
     MODELS/onnx/draft_fuse.onnx      feature_j [1, T, D] per fused target layer -> fused [1, T, D]
@@ -16,8 +19,9 @@
                                      and return it as present_key_i / present_value_i (bound to the same
                                      memory as past_key_i / past_value_i)
     MODELS/onnx/target_embed.npy     the token embedding table (see below)
-    MODELS/onnx/manifest.json        shapes, feature layers, opset, fingerprints of the source weights;
-                                     per step graph its token count and `kv_update` (KV_IN_PLACE or KV_APPEND)
+    MODELS/onnx/manifest.json        shapes, feature layers, deepstack layers, the expert's sizes (or null),
+                                     opset, fingerprints of the source weights; per step graph its token
+                                     count and `kv_update` (KV_IN_PLACE or KV_APPEND)
 
 The cache contract, and its cost. A graph that reads a cache takes the engine's *whole*
 preallocated buffer (S slots per layer) plus the number of valid slots; the T new keys/values
@@ -32,8 +36,10 @@ not-yet-generated part of the CoC (about 25% of the keys at the first CoC token,
 last). GroupQueryAttention reads the valid prefix only.
 
 The engine, not the graph, looks up token embeddings and splices the image embeddings over
-the `<|image_pad|>` positions (a gather and a masked copy): one decoder graph then serves
-prefill (with images) and decode/verify (text only), with no data-dependent shapes inside.
+the `<|image_pad|>` positions (a gather and a masked copy), and lays the deepstack features out
+at the same positions (zero elsewhere, so the graph adds them everywhere): one decoder graph
+then serves prefill (with images) and decode/verify (text only: a zero deepstack input), with
+no data-dependent shapes inside.
 """
 from __future__ import annotations
 
@@ -41,11 +47,14 @@ import hashlib
 import json
 from pathlib import Path
 
-FORMAT_VERSION = 3  # 2: draft_step returns the last position's hidden state only; 3: in-place fixed-size steps
+# 2: draft_step returns the last position's hidden state only; 3: in-place fixed-size steps; 4: Qwen3-VL's
+# vision tower (deepstack output), the decoders' deepstack input, the expert optional
+FORMAT_VERSION = 4
 ONNX_DIR = "onnx"
 MANIFEST = "manifest.json"
 EMBED_TABLE = "target_embed.npy"
-GRAPHS = ("target_vision", "target_decoder", "target_expert", "draft_step", "draft_fuse")
+EXPERT_GRAPH = "target_expert"
+GRAPHS = ("target_vision", "target_decoder", EXPERT_GRAPH, "draft_step", "draft_fuse")
 KV_IN_PLACE = "in_place"  # present_* outputs are the past_* buffers, written by the graph
 KV_APPEND = "append"  # new_* outputs, copied into the cache by the engine
 
@@ -89,14 +98,37 @@ def fixed_name(graph: str, tokens: int) -> str:
     return f"{graph}_t{tokens}"
 
 
+def checkpoint_folders(directory: Path) -> list[Path]:
+    """The folders a checkpoint's model is read from: its own, and the VLM folder an Alpamayo-R1
+    config.json names (`vlm_name_or_path`) when that lies outside it."""
+    folders = [directory]
+    vlm = json.loads((directory / "config.json").read_text()).get("vlm_name_or_path")
+    if vlm is not None:
+        path = (directory / vlm).resolve()
+        if not path.is_relative_to(directory.resolve()):
+            folders.append(path)
+    return folders
+
+
 def fingerprint(directory: str | Path) -> str:
-    """sha256 over config.json and model.safetensors: any change of the weights changes it."""
+    """sha256 over the names and contents of every file of a checkpoint (`checkpoint_folders`):
+    configs, weights in any layout (one file, shards, an Alpamayo-R1 VLM folder), the frame size.
+    Any change of what the model computes changes it."""
     digest = hashlib.sha256()
-    for name in ("config.json", "model.safetensors"):
-        with open(Path(directory) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+    for folder in checkpoint_folders(Path(directory)):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            digest.update(str(path.relative_to(folder)).encode() + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
     return digest.hexdigest()
+
+
+def required_graphs(manifest: dict, with_draft: bool) -> list[str]:
+    """The core graphs (GRAPHS) the engines need from this export: the expert's only when the
+    target has an expert, the draft's only when a draft is loaded."""
+    has_expert = manifest["target"]["expert"] is not None
+    return [g for g in GRAPHS if (with_draft or not g.startswith("draft")) and (has_expert or g != EXPERT_GRAPH)]
 
 
 def export_command(models: str | Path, draft_dir: str | Path | None = None) -> str:
@@ -135,8 +167,9 @@ def load_manifest(models: str | Path, draft_dir: str | Path | None = None, onnx_
                 f"stale ONNX export: the draft graphs in {onnx_dir} come from draft weights "
                 f"{manifest['draft']['fingerprint'][:12]} ({manifest['draft']['source']}), but {draft_dir} holds "
                 f"{current[:12]}", f"re-run: {command}")
-    wanted = [g for g in {*GRAPHS, *manifest["graphs"]} if draft_dir is not None or not g.startswith("draft")]
-    missing = [g for g in wanted if not (onnx_dir / manifest["graphs"].get(g, {}).get("file", f"{g}.onnx")).is_file()]
+    wanted = {*required_graphs(manifest, draft_dir is not None),
+              *(g for g in manifest["graphs"] if draft_dir is not None or not g.startswith("draft"))}
+    missing = [g for g in sorted(wanted) if not (onnx_dir / manifest["graphs"].get(g, {}).get("file", f"{g}.onnx")).is_file()]
     if missing or not (onnx_dir / EMBED_TABLE).is_file():
         raise ExportError(f"incomplete ONNX export at {onnx_dir} (missing {missing or [EMBED_TABLE]})", f"run: {command}")
     manifest["dir"] = str(onnx_dir)

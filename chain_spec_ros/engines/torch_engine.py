@@ -8,7 +8,8 @@ from torch import Tensor
 from ..models.draft import EagleDraft
 from ..models.kv_cache import KVCache
 from ..models.target import TargetVLA
-from .base import DraftEngine, TargetEngine, TrajectoryOut
+from ..models.vision import VisualFeatures
+from .base import DraftEngine, TargetEngine, TrajectoryOut, require_expert
 
 
 class TorchTargetEngine(TargetEngine):
@@ -27,12 +28,15 @@ class TorchTargetEngine(TargetEngine):
         self.cache.reset()
 
     @torch.inference_mode()
-    def encode_images(self, images: np.ndarray) -> Tensor:
+    def encode_images(self, images: np.ndarray) -> VisualFeatures:
         return self.model.encode_images(torch.from_numpy(images).to(self.device))
 
     @torch.inference_mode()
-    def prefill(self, input_ids: np.ndarray, image_embeds: Tensor, positions: Tensor) -> tuple[Tensor, list[Tensor]]:
-        logits, features = self.model.prefill(torch.from_numpy(input_ids)[None].to(self.device), image_embeds,
+    def prefill(self, input_ids: np.ndarray, visual: VisualFeatures | None, positions: Tensor
+                ) -> tuple[Tensor, list[Tensor]]:
+        if visual is not None:  # features another engine encoded (on the CPU) work too
+            visual = VisualFeatures(*(t.to(self.device) for t in visual))
+        logits, features = self.model.prefill(torch.from_numpy(input_ids)[None].to(self.device), visual,
                                               positions.to(self.device), self.cache,
                                               return_hidden_layers=self.feature_layers, num_logits=1)
         return logits[0, -1].cpu(), [f.cpu() for f in features]
@@ -52,6 +56,7 @@ class TorchTargetEngine(TargetEngine):
 
     @torch.inference_mode()
     def trajectory(self, rope_delta: int, speed: float, steps: int | None, seed: int) -> TrajectoryOut:
+        require_expert(self.config)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         trajectory = self.model.trajectory(self.cache, rope_delta, float(speed), steps, generator)
         return TrajectoryOut.from_trajectory(trajectory)

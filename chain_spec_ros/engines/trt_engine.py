@@ -30,7 +30,7 @@ from torch import Tensor
 from ..models.config import TargetConfig
 from ..models.draft import DraftConfig
 from .graph_engine import Call, GraphDraftEngine, GraphTargetEngine, load_configs
-from .manifest import ExportError, load_manifest
+from .manifest import ExportError, load_manifest, required_graphs
 
 TRT_DIR = "trt"
 ENGINES_MANIFEST = "engines.json"
@@ -239,7 +239,7 @@ def load_trt_engines(models: str | Path, draft_dir: str | Path | None = None
     models = Path(models)
     manifest = load_manifest(models, draft_dir)
     built = load_engines_manifest(models, manifest)
-    needed = ["target_vision", "target_decoder", "target_expert"] + (["draft_step", "draft_fuse"] if draft_dir else [])
+    needed = required_graphs(manifest, draft_dir is not None)
     missing = [name for name in needed if name not in built["graphs"]]
     if missing:
         raise ExportError(f"no TensorRT engines for {missing} in {built['dir']}; run: chain-spec-build-engines --models {models}")
@@ -249,7 +249,7 @@ def load_trt_engines(models: str | Path, draft_dir: str | Path | None = None
         return {name: TrtGraph(Path(built["dir"]) / built["graphs"][name]["engine"], stream) for name in names}
 
     config, draft_config, layers = load_configs(models, draft_dir)
-    target = TrtTargetEngine(graphs("target_vision", "target_decoder", "target_expert"), manifest, config, layers, stream,
+    target = TrtTargetEngine(graphs(*[n for n in needed if n.startswith("target_")]), manifest, config, layers, stream,
                              built["cache_len"])
     draft = None
     if draft_config is not None:
