@@ -49,7 +49,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chain_spec_ros.constants import NS, PERCENTILES  # noqa: E402
+from chain_spec_ros.constants import IMAGE_HEIGHT, IMAGE_WIDTH, NS, PERCENTILES  # noqa: E402
 from chain_spec_ros.paths import default_models_dir  # noqa: E402
 from chain_spec_ros.replay.fixtures import NodeProcess, jpeg_claiming, ros_env  # noqa: E402
 
@@ -81,8 +81,8 @@ ODOM_FAULTS = {
 
 def image_payloads() -> dict[str, tuple[str, bytes]]:
     """(format, data) of the regular camera frame ("frame") and of each image fault."""
-    frame = np.zeros((48, 96, 3), np.uint8)
-    frame[24:], frame[:, ::8] = 90, 200
+    frame = np.zeros((IMAGE_HEIGHT, IMAGE_WIDTH, 3), np.uint8)
+    frame[IMAGE_HEIGHT // 2:], frame[:, ::8] = 90, 200
     jpeg = cv2.imencode(".jpg", frame)[1].tobytes()
     cut = jpeg[:jpeg.index(b"\xff\xda")] + bytes(64)  # a valid 96x48 header, no scan data
     return {"frame": ("jpeg", jpeg), "jpeg_bomb": ("jpeg", jpeg_claiming(32768, 32768)), "h264_format": ("h264", jpeg),

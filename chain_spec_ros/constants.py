@@ -8,6 +8,10 @@ from __future__ import annotations
 
 NS = 1_000_000_000  # nanoseconds per second (ROS stamps)
 
+# Camera frames of the scenario world and the bundled models: a multiple of Qwen3-VL's 32-pixel
+# merged patch, 4 x 2 merged tokens per frame.
+IMAGE_WIDTH, IMAGE_HEIGHT = 128, 64
+
 # Inference backends, fastest first: `auto` picks the first one that is available.
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
 # Tokens the draft proposes per target pass (chain drafting). The bundled draft keeps ~44% of

@@ -44,7 +44,7 @@ import numpy as np
 os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(8192 * 8192))
 import cv2  # noqa: E402
 
-from .constants import NS
+from .constants import IMAGE_HEIGHT, IMAGE_WIDTH, NS
 from .scenarios.scene import NUM_FRAMES
 from .trajectory import HISTORY_SECONDS, HISTORY_STEPS, REST_SPEED, STEP_SECONDS, history_bins, to_local_frame
 
@@ -312,8 +312,8 @@ def stamp_ns(stamp) -> int:
 @dataclass
 class SensingConfig:
     cameras: tuple[str, ...]
-    image_width: int = 96
-    image_height: int = 48
+    image_width: int = IMAGE_WIDTH
+    image_height: int = IMAGE_HEIGHT
     num_frames: int = NUM_FRAMES
     frame_period_s: float = STEP_SECONDS
     frame_tolerance_s: float = 0.04  # a chosen frame may be this far from its target instant

@@ -25,6 +25,7 @@ from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 from tqdm import tqdm
 
+from ..constants import IMAGE_HEIGHT, IMAGE_WIDTH
 from ..scenarios.ego import SIM_DT, EgoTrack, simulate_ego
 from ..scenarios.events import World, build_world
 from ..scenarios.render import DEFAULT_CAMERAS, Renderer
@@ -160,8 +161,8 @@ def _compressed_image(typestore, ns: int, camera: str, image: np.ndarray, qualit
                                        data=jpeg.ravel())
 
 
-def write_drive_bag(out: str | Path, seconds: float, seed: int, storage: str = "mcap", width: int = 96,
-                    height: int = 48, jpeg_quality: int = 90, progress: bool = True) -> dict:
+def write_drive_bag(out: str | Path, seconds: float, seed: int, storage: str = "mcap", width: int = IMAGE_WIDTH,
+                    height: int = IMAGE_HEIGHT, jpeg_quality: int = 90, progress: bool = True) -> dict:
     """Record `seconds` of continuous simulated driving into a new bag directory `out`.
 
     `storage` is "mcap" or "sqlite3"; `out` must not exist yet (rosbags refuses to overwrite).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import IMAGE_HEIGHT, IMAGE_WIDTH
 from ..paths import default_tokenizer_path
 
 
@@ -74,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--num", type=int, default=20000)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--width", type=int, default=96)
-    p.add_argument("--height", type=int, default=48)
+    p.add_argument("--width", type=int, default=IMAGE_WIDTH)
+    p.add_argument("--height", type=int, default=IMAGE_HEIGHT)
     p.add_argument("--workers", type=int, default=2)
     p.set_defaults(func=cmd_generate)
 

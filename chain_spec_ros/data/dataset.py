@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from ..constants import IMAGE_HEIGHT, IMAGE_WIDTH
 from ..scenarios.render import DEFAULT_CAMERAS, Renderer
 from ..scenarios.scene import Scene, make_scene
 
@@ -61,7 +62,7 @@ def _write_shard(args) -> tuple[str, int]:
     return str(path), len(scenes)
 
 
-def generate(out: str | Path, num: int, seed: int, width: int = 96, height: int = 48, workers: int = 2) -> dict:
+def generate(out: str | Path, num: int, seed: int, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT, workers: int = 2) -> dict:
     out = Path(out)
     by_split = {split: [] for split in SPLITS}
     for s in _scene_seeds(seed, num):

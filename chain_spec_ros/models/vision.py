@@ -46,7 +46,7 @@ def patchify(images: Tensor, cfg: VisionConfig) -> Tensor:
     gh, gw = H // p, W // p
     x = x.view(N, gh // m, m, p, gw // m, m, p, 3)
     x = x.permute(0, 1, 4, 2, 5, 7, 3, 6)  # [N, gh/m, gw/m, m, m, 3, p, p]
-    x = x.unsqueeze(6).expand(*x.shape[:6], t, p, p)  # the still frame repeated in time
+    x = x.reshape(N, gh * gw, 3, 1, p * p).expand(N, gh * gw, 3, t, p * p)  # the still frame repeated in time
     return x.reshape(N, gh * gw, 3 * t * p * p)
 
 

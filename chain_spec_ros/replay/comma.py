@@ -19,6 +19,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..constants import IMAGE_HEIGHT, IMAGE_WIDTH
 from ..data.bag import (CLOCK_TOPIC, CLOCK_TYPE, EPOCH_NS, IMAGE_TYPE, ODOM_TOPIC, ODOM_TYPE, STORAGES, camera_topic,
                         ros2_typestore)
 from ..scenarios.render import DEFAULT_CAMERAS
@@ -115,7 +116,7 @@ def draw_road(width: int, height: int, distance: float, curvature: float, fov_de
 
 
 def write_comma_bag(segment: str | Path, out: str | Path, seconds: float | None = None, storage: str = "mcap",
-                    width: int = 96, height: int = 48, jpeg_quality: int = 90) -> dict:
+                    width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT, jpeg_quality: int = 90) -> dict:
     """Write the segment's odometry (20 Hz), generated camera frames (10 Hz) and /clock (100 Hz)."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {sorted(STORAGES)}, not {storage!r}")

@@ -42,11 +42,11 @@ def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | No
 
 
 def poison_target_weights(models: str | Path) -> Path:
-    """Overwrite one weight tensor of MODELS/target with NaN: a corrupt checkpoint that still
-    loads (for the start-up self-test's tests)."""
+    """Overwrite one weight tensor of the target's VLM (MODELS/target/vlm) with NaN: a corrupt
+    checkpoint that still loads (for the start-up self-test's tests)."""
     from safetensors.torch import load_file, save_file
 
-    path = Path(models) / "target" / "model.safetensors"
+    path = Path(models) / "target" / "vlm" / "model.safetensors"
     weights = load_file(path)
     name = next(n for n in sorted(weights) if "lm_head" in n or "embed_tokens" in n)
     weights[name][:] = float("nan")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ..constants import IMAGE_HEIGHT, IMAGE_WIDTH
 from .actors import LIGHT_COLOURS, Actor
 from .events import World
 from .road import marking_polygons, strip_polygons
@@ -36,7 +37,7 @@ DEFAULT_CAMERAS = (Camera("front_wide", 100.0), Camera("front_tele", 35.0))
 
 
 class Renderer:
-    def __init__(self, cameras=DEFAULT_CAMERAS, width: int = 96, height: int = 48):
+    def __init__(self, cameras=DEFAULT_CAMERAS, width: int = IMAGE_WIDTH, height: int = IMAGE_HEIGHT):
         self.cameras, self.width, self.height = cameras, width, height
         self._sky = self._sky_gradient()
 
