@@ -8,6 +8,11 @@ how many speculative CoCs are identical to target-only greedy decoding (a diverg
 as a `near_tie` only when the target's top-2 logit gap at the first differing token is below
 1e-4), the speedup of the CoC decoding stage (summed target-only time / summed speculative
 time), the cost ratio c (one draft step / one target decode step), and per-stage times.
+
+With `--decoding sample` (temperature / top-p, default the model's generation_config: 0.6 /
+0.98) every scene runs `--repeats` times per mode with seeds 0.., and instead of identity the
+report tests that both modes sample the same law: a chi-square homogeneity test of the decisions
+their CoCs state (`decision_p_value`; a p-value above 0.01 means no difference detected).
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chain_spec_ros.constants import DEFAULT_K  # noqa: E402
 from chain_spec_ros.data.dataset import load_split  # noqa: E402
 from chain_spec_ros.evaluate import load_planner  # noqa: E402
+from chain_spec_ros.metrics import chi_square_homogeneity_p_value  # noqa: E402
+from chain_spec_ros.scenarios.coc import decision_from_coc  # noqa: E402
 from chain_spec_ros.paths import default_models_dir  # noqa: E402
 from chain_spec_ros.planner import Planner  # noqa: E402
 
@@ -45,7 +52,8 @@ def top2_gap_at_divergence(planner: Planner, scene: dict, reference: list[int], 
     return float(top[0] - top[1])
 
 
-def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None, warmup: int = 3) -> dict:
+def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None, warmup: int = 3,
+        repeats: int = 1) -> dict:
     n = min(len(table), limit or len(table))
     for i in range(min(warmup, n)):  # first calls pay allocator and kernel-selection costs
         scene = table.scene(i)
@@ -56,21 +64,27 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
     draft_ms = verify_ms = 0.0
     acceptance = None
     divergent = []
-    for i in tqdm(range(n), desc="scenes"):
+    decisions = {"target": {}, "speculative": {}}
+    greedy = planner_spec.sampling.greedy
+    runs = [(i, r) for i in range(n) for r in range(repeats)]
+    for i, repeat in tqdm(runs, desc="scenes"):
         scene = table.scene(i)
         order = [("target", planner_target), ("speculative", planner_spec)]
-        if i % 2:
+        if (i + repeat) % 2:
             order.reverse()
         results = {}
         for name, planner in order:
+            planner.seed = repeat
             results[name] = planner.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))
             for stage, ms in results[name].timings_ms.items():
                 totals[name][stage] = totals[name].get(stage, 0.0) + ms
+            decision = str(decision_from_coc(results[name].coc))
+            decisions[name][decision] = decisions[name].get(decision, 0) + 1
         base, spec = results["target"], results["speculative"]
         target_tokens += len(base.coc_ids)
         if base.coc_ids == spec.coc_ids:
             identical += 1
-        else:
+        elif greedy:
             gap = top2_gap_at_divergence(planner_target, scene, base.coc_ids, spec.coc_ids)
             near_tie += gap < NEAR_TIE
             divergent.append({"seed": int(scene["seed"]), "top2_gap": gap, "target": base.coc, "speculative": spec.coc})
@@ -83,22 +97,30 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
         verify_ms += stats["verify_ms"]
         rates = np.array(stats["acceptance_by_position"]) * stats["target_passes"]
         acceptance = rates if acceptance is None else acceptance + rates
-    mean = {name: {stage: ms / n for stage, ms in stages.items()} for name, stages in totals.items()}
+    runs_done = len(runs)
+    mean = {name: {stage: ms / runs_done for stage, ms in stages.items()} for name, stages in totals.items()}
+    categories = sorted(set(decisions["target"]) | set(decisions["speculative"]))
+    counts = {name: [found.get(c, 0) for c in categories] for name, found in decisions.items()}
     target_step_ms = totals["target"]["decode"] / max(target_tokens, 1)
     draft_step_ms = draft_ms / max(passes * planner_spec.k, 1)
     return {
         "scenes": n,
+        "runs_per_mode": runs_done,
+        "decoding": "greedy" if greedy else {"temperature": planner_spec.sampling.temperature,
+                                             "top_p": planner_spec.sampling.top_p},
         "k": planner_spec.k,
         "tau": produced / max(passes, 1),
         "drafted_share": drafted / max(tokens, 1),
         "identical": identical,
-        "total": n,
+        "total": runs_done,
+        "decisions": {"categories": categories, **counts},
+        "decision_p_value": chi_square_homogeneity_p_value(counts["target"], counts["speculative"]),
         "near_tie": near_tie,
         "speedup": totals["target"]["decode"] / totals["speculative"]["decode"],
         "cost_ratio": draft_step_ms / target_step_ms,
         "acceptance_by_position": (acceptance / max(passes, 1)).tolist(),
-        "draft_ms_per_scene": draft_ms / n,
-        "verify_ms_per_scene": verify_ms / n,
+        "draft_ms_per_scene": draft_ms / runs_done,
+        "verify_ms_per_scene": verify_ms / runs_done,
         "stages_ms": mean,
         "divergent": divergent[:20],
     }
@@ -114,15 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=DEFAULT_K)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--limit", type=int)
+    parser.add_argument("--decoding", choices=("greedy", "sample"), default="greedy")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = the model's generation_config")
+    parser.add_argument("--top-p", type=float, default=0.0, help="0 = the model's generation_config")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per scene and mode (seeds 0..)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, or the size of ONNX Runtime's one pool")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     speculative = load_planner(Path(args.models), args.backend, args.drafter, args.draft_dir, args.data, args.k)
     target_only = Planner(speculative.target, speculative.builder)  # same engine, same backend
+    for planner in (speculative, target_only):
+        planner.sampling = speculative.sampling_for(args.decoding, args.temperature, args.top_p)
     table = load_split(args.data, args.split, limit=args.limit)
     report = {"drafter": args.drafter, "draft_dir": args.draft_dir, "backend": speculative.backend,
-              "threads": args.threads, **run(target_only, speculative, table, args.limit)}
+              "threads": args.threads, **run(target_only, speculative, table, args.limit, repeats=args.repeats)}
     text = json.dumps(report, indent=1)
     print(json.dumps({k: v for k, v in report.items() if k not in ("divergent", "stages_ms")}, indent=1))
     if args.json:

@@ -1,6 +1,10 @@
-"""`chain-spec-eval target`: decision accuracy, CoC exact match, ADE/FDE and stage latency.
+"""`chain-spec-eval target`: decision accuracy (overall and per speed state: stopped,
+starting, creeping, mid-turn), whether the CoC's stated speed state matches the history, the
+share of malformed CoCs (grammar check), CoC exact match, ADE/FDE against constant velocity,
+minADE over the trajectory samples in sampling mode, and stage latency.
 
     chain-spec-eval target --data DATA --split test --json OUT [--models models]
+    chain-spec-eval target --data DATA --decoding sample --num-traj-samples 6 ...   # Alpamayo's rollout
 """
 from __future__ import annotations
 
@@ -18,11 +22,15 @@ from .constants import DEFAULT_K
 from .data.dataset import load_split
 from .drafters import NgramDrafter
 from .engines.factory import load_target_model
-from .metrics import constant_velocity, displacement_errors
+from .metrics import constant_velocity, displacement_errors, min_displacement_errors
 from .paths import default_models_dir
 from .planner import Planner
-from .scenarios.coc import decision_from_coc
+from .scenarios.coc import check_grammar, decision_from_coc, speed_statement_matches
+from .scenarios.scene import ego_state_from_history
 from .training.greedy import cached_greedy_cocs
+from .trajectory import history_speeds
+
+CASES = ("stopped", "starting", "creeping", "mid-turn")
 
 
 def load_planner(models: Path, backend: str = "torch", drafter: str = "none", draft_dir: str | None = None,
@@ -41,17 +49,35 @@ def load_planner(models: Path, backend: str = "torch", drafter: str = "none", dr
     return planner
 
 
+def scene_cases(scene: dict) -> list[str]:
+    """The CASES a scene belongs to, read from its history as the world defines them."""
+    state = ego_state_from_history(scene["history_xyz"], float(scene["speed"]))
+    return [case for case in CASES if state.state == case or (case == "mid-turn" and state.road == "turn")]
+
+
 def evaluate_target(planner: Planner, table, limit: int | None = None) -> dict:
     n = min(len(table), limit or len(table))
-    rows, cv_rows, timings = [], [], []
-    correct = exact = 0
+    rows, cv_rows, min_rows, timings = [], [], [], []
+    correct = exact = malformed = speed_matches = 0
+    by_case = {case: [0, 0] for case in CASES}  # correct, scenes
+    malformed_examples = []
     for i in tqdm(range(n), desc="scenes"):
         scene = table.scene(i)
         result = planner.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))
-        correct += decision_from_coc(result.coc) == scene["primary"]
+        right = decision_from_coc(result.coc) == scene["primary"]
+        correct += right
+        for case in scene_cases(scene):
+            by_case[case][0] += right
+            by_case[case][1] += 1
         exact += result.coc == scene["coc"]
+        problems = check_grammar(result.coc)
+        malformed += bool(problems)
+        if problems and len(malformed_examples) < 10:
+            malformed_examples.append({"seed": int(scene["seed"]), "coc": result.coc, "problems": problems})
+        speed_matches += speed_statement_matches(result.coc, history_speeds(scene["history_xyz"]))
         rows.append(displacement_errors(result.trajectory_xy, scene["future_xy"]))
         cv_rows.append(displacement_errors(constant_velocity(float(scene["speed"])), scene["future_xy"]))
+        min_rows.append(min_displacement_errors(result.samples_xy, scene["future_xy"]))
         timings.append(result.timings_ms)
 
     def mean(dicts):
@@ -59,11 +85,20 @@ def evaluate_target(planner: Planner, table, limit: int | None = None) -> dict:
 
     latency = {k: {"mean_ms": float(np.mean([t[k] for t in timings])), "p95_ms": float(np.percentile([t[k] for t in timings], 95))}
                for k in timings[0]}
+    sampling = planner.sampling
     return {
         "scenes": n,
+        "decoding": "greedy" if sampling.greedy else f"sample (temperature {sampling.temperature}, top-p {sampling.top_p})",
+        "num_traj_samples": planner.num_traj_samples,
         "decision_accuracy": correct / n,
+        "decision_accuracy_by_case": {case: {"accuracy": c / m if m else None, "scenes": m}
+                                      for case, (c, m) in by_case.items()},
+        "speed_statement_match": speed_matches / n,
+        "malformed_coc_rate": malformed / n,
+        "malformed_examples": malformed_examples,
         "coc_exact_match": exact / n,
         "trajectory": mean(rows),
+        "trajectory_min_over_samples": mean(min_rows),
         "constant_velocity": mean(cv_rows),
         "latency_cpu": latency,
         "torch_threads": torch.get_num_threads(),
@@ -80,12 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default=str(default_models_dir()))
     p.add_argument("--limit", type=int)
     p.add_argument("--expert-steps", type=int)
+    p.add_argument("--backend", default="torch")
+    p.add_argument("--decoding", choices=("greedy", "sample"), default="greedy")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = the model's generation_config")
+    p.add_argument("--top-p", type=float, default=0.0, help="0 = the model's generation_config")
+    p.add_argument("--num-traj-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        planner = load_planner(Path(args.models), expert_steps=args.expert_steps)
+        planner = load_planner(Path(args.models), args.backend, expert_steps=args.expert_steps)
+        planner.sampling = planner.sampling_for(args.decoding, args.temperature, args.top_p)
+        planner.num_traj_samples, planner.seed = args.num_traj_samples, args.seed
         table = load_split(args.data, args.split, limit=args.limit)
     except (FileNotFoundError, ValueError) as error:
         print(f"chain-spec-eval: error: {error}", file=sys.stderr)

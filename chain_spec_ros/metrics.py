@@ -49,3 +49,23 @@ def chi_square_p_value(observed, expected) -> float:
     if dof < 1:
         return 1.0
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
+
+
+def chi_square_homogeneity_p_value(counts_a, counts_b) -> float:
+    """p-value of the chi-square test that two samples of categories (counts per category, same
+    order) come from one distribution: the 2 x K contingency table, categories with an expected
+    count under 5 pooled."""
+    import torch
+
+    table = torch.stack([torch.as_tensor(counts_a, dtype=torch.float64), torch.as_tensor(counts_b, dtype=torch.float64)])
+    expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    small = expected.min(0).values < 5
+    if small.any():
+        table = torch.cat([table[:, ~small], table[:, small].sum(1, keepdim=True)], dim=1)
+        expected = table.sum(1, keepdim=True) * table.sum(0, keepdim=True) / table.sum()
+    keep = expected.min(0).values > 0
+    statistic = (((table - expected) ** 2)[:, keep] / expected[:, keep]).sum()
+    dof = int(keep.sum()) - 1
+    if dof < 1:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))

@@ -20,7 +20,7 @@ def setup():
     # A near-uniform random model rarely emits the stop token; make a few tokens likely so
     # CoCs end at varied lengths, some inside drafted blocks.
     with torch.no_grad():
-        target.decoder.lm_head.weight[builder.cot_end_id] *= 4.0
+        target.decoder.lm_head.weight[builder.cot_end_id] *= 2.0
     return target, builder
 
 
