@@ -89,8 +89,7 @@ def target_features(target: TargetVLA, prompt, ids: torch.Tensor, images: torch.
     """The target's hidden states of the feature layers over prompt + answer (teacher forced)."""
     P = len(prompt)
     positions = torch.cat([prompt.mrope_positions, prompt.positions(P, ids.shape[1] - P, "mrope")], dim=1)
-    embeds = target.build_inputs_embeds(ids, target.encode_images(images))
-    _, hidden = target.decoder(embeds, positions[:, None].expand(3, ids.shape[0], -1), return_hidden_layers=layers,
+    _, hidden = target.prefill(ids, target.encode_images(images), positions, None, return_hidden_layers=layers,
                                num_logits=1)
     return hidden
 
