@@ -18,6 +18,7 @@ from chain_spec_ros.models.config import TargetConfig  # noqa: E402
 from chain_spec_ros.models.hf_format import CheckpointError  # noqa: E402
 from chain_spec_ros.models.rope import mrope_position_ids, text_position_ids  # noqa: E402
 from chain_spec_ros.models.target import TargetVLA  # noqa: E402
+from chain_spec_ros.replay.fixtures import to_release_layout  # noqa: E402
 
 TOKEN_IDS = {"image_token_id": 4, "video_token_id": 4, "vision_start_token_id": 3, "vision_end_token_id": 5}
 TOL = dict(atol=1e-4, rtol=0)
@@ -73,19 +74,8 @@ def test_transformers_loads_the_vlm_folder_as_qwen3_vl(saved):
 def test_release_layout_in_one_file(saved, tmp_path):
     """The release keeps the VLM's tensors under `vlm.` beside the expert's, in shards."""
     model, directory = saved
-    shutil.copytree(directory, tmp_path / "release")
-    release = tmp_path / "release"
-    vlm = load_file(str(release / "vlm" / "model.safetensors"))
-    rest = load_file(str(release / "model.safetensors"))
-    (release / "vlm" / "model.safetensors").unlink()
-    (release / "model.safetensors").unlink()
-    everything = {**{"vlm." + k: v for k, v in vlm.items()}, **rest}
-    names = sorted(everything)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for shard, keys in halves.items():
-        save_file({k: everything[k] for k in keys}, str(release / shard))
-    (release / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: shard for shard, keys in halves.items() for k in keys}}))
+    release = to_release_layout(shutil.copytree(directory, tmp_path / "release"))
+    assert not (release / "vlm" / "model.safetensors").exists()
     same_state(model, load_target(release))
 
 

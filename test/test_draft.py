@@ -24,7 +24,7 @@ def test_rollout_matches_chained_drafting(pair, mode):
     draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, mode), target.decoder.embed_tokens,
                        target.decoder.lm_head).eval()
     rng = np.random.default_rng(0)
-    prompt = builder.build(rng.integers(0, 255, (2, 4, 48, 96, 3), dtype=np.uint8), rng.integers(0, 1000, 48))
+    prompt = builder.build(rng.integers(0, 255, (2, 4, 64, 128, 3), dtype=np.uint8), rng.integers(0, 1000, 48))
     coc = rng.integers(0, 600, 12).tolist()
     ids = torch.tensor([prompt.input_ids.tolist() + coc])
     images = torch.from_numpy(prompt.images)
@@ -53,7 +53,7 @@ def test_ttt_loss_trains_the_draft(pair):
     draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, "flat"), target.decoder.embed_tokens,
                        target.decoder.lm_head)
     rng = np.random.default_rng(2)
-    prompt = builder.build(rng.integers(0, 255, (2, 4, 48, 96, 3), dtype=np.uint8), rng.integers(0, 1000, 48))
+    prompt = builder.build(rng.integers(0, 255, (2, 4, 64, 128, 3), dtype=np.uint8), rng.integers(0, 1000, 48))
     coc = [5, 9, 14, 5, 9, 14, 5, 9, 14, 5, 9, 14, builder.cot_end_id]  # a learnable pattern
     ids = torch.tensor([prompt.input_ids.tolist() + coc])
     valid = torch.ones_like(ids, dtype=torch.bool)

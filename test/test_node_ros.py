@@ -28,7 +28,7 @@ rclpy = pytest.importorskip("rclpy", reason="the ROS 2 wheels (rclpy) are not in
 from chain_spec_ros.data.bag import CLOCK_TOPIC, ODOM_TOPIC, camera_topic, write_drive_bag  # noqa: E402
 from chain_spec_ros.replay import report as report_tool  # noqa: E402
 from chain_spec_ros.replay.fixtures import (NodeProcess, jpeg_claiming, poison_target_weights, ros_env,  # noqa: E402
-                                            spinning_node, write_tiny_models)
+                                            spinning_node, to_release_layout, write_tiny_models)
 
 NS = 1_000_000_000
 CAMERAS = ("front_wide", "front_tele")
@@ -83,6 +83,9 @@ def test_startup_errors_are_clear_and_exit_non_zero(tmp_path, models):
     empty.mkdir()
     mismatched = write_tiny_models(tmp_path / "mismatched", vocab_size=3000)
     poisoned = poison_target_weights(write_tiny_models(tmp_path / "nan"))
+    malformed = write_tiny_models(tmp_path / "malformed")
+    config = json.loads((malformed / "target" / "config.json").read_text())
+    (malformed / "target" / "config.json").write_text(json.dumps({**config, "expert_cfg": {"num_key_value_heads": 1}}))
     cases = {
         "missing_dir": (["--ros-args", "-p", f"models_dir:={tmp_path / 'nope'}"], "models directory not found"),
         "no_target": (["--ros-args", "-p", f"models_dir:={empty}"], "not found"),
@@ -94,6 +97,7 @@ def test_startup_errors_are_clear_and_exit_non_zero(tmp_path, models):
                      "plan_rate_hz: expected a number"),
         "bad_params_file": (["--ros-args", "--params-file", str(tmp_path / "missing.yaml")], "missing.yaml"),
         "nan_weights": (["--ros-args", "-p", f"models_dir:={poisoned}"], "self-test plan failed"),
+        "malformed_checkpoint": (["--ros-args", "-p", f"models_dir:={malformed}"], "expert_cfg.num_key_value_heads"),
     }
     env = ros_env(_domain())
     processes = {name: NodeProcess(args, env, tmp_path / f"{name}.log") for name, (args, _) in cases.items()}
@@ -111,6 +115,25 @@ def test_startup_errors_are_clear_and_exit_non_zero(tmp_path, models):
 
 
 # --- End to end ----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def release_models(tmp_path_factory):
+    """Tiny random models whose target is in Alpamayo-R1's release layout."""
+    models = write_tiny_models(tmp_path_factory.mktemp("release"))
+    to_release_layout(models / "target")
+    return models
+
+
+def test_a_checkpoint_in_the_release_layout_plans_through_the_node(tmp_path, release_models):
+    bag, out = tmp_path / "drive", tmp_path / "outputs"
+    write_drive_bag(bag, 6.0, seed=12, progress=False)
+    env = ros_env(_domain())
+    with NodeProcess(_node_args(release_models, "-p", "backend:=torch"), env, tmp_path / "node.log") as node:
+        result = _replay(bag, out, env)
+        assert result.returncode == 0, result.stdout + result.stderr + node.output()
+    _, outputs, _ = report_tool.build_report(out)
+    assert len(outputs["plans"]) >= 3, node.output()
+
 
 def test_end_to_end_replay(tmp_path, models):
     bag, out = tmp_path / "drive", tmp_path / "outputs"
@@ -191,7 +214,7 @@ class FakeSensors:
         self.clock = node.create_publisher(Clock, CLOCK_TOPIC, 10)
         self.odom = node.create_publisher(Odometry, ODOM_TOPIC, 50)
         self.cameras = {name: node.create_publisher(CompressedImage, camera_topic(name), 10) for name in CAMERAS}
-        frame = np.zeros((48, 96, 3), np.uint8)
+        frame = np.zeros((64, 128, 3), np.uint8)
         frame[24:] = (90, 90, 90)
         self.jpeg = cv2.imencode(".jpg", frame)[1].tobytes()
         self.small_jpeg = cv2.imencode(".jpg", cv2.resize(frame, (64, 32)))[1].tobytes()
@@ -384,7 +407,7 @@ class ScriptedPlanner:
         time.sleep(self.delay)
         if self.fail:
             raise RuntimeError("scripted failure")
-        assert images.shape == (2, 4, 48, 96, 3) and history_tokens.shape == (48,)
+        assert images.shape == (2, 4, 64, 128, 3) and history_tokens.shape == (48,)
         xy = np.column_stack([np.arange(1, 65) * speed * 0.1, np.zeros(64)])
         return PlanResult(coc_ids=[5, 6], coc="Keep lane.", trajectory_xy=xy, controls=np.zeros((64, 2)),
                           timings_ms={"prompt": 0.1, "decode": 1.0, "draft_overhead": 0.5},
@@ -403,7 +426,7 @@ def test_planning_errors_are_reported_and_ticks_dropped_while_busy():
     node = ChainSpecNode(planner_loader=lambda config: (planner, Path("scripted")))
     assert planner.calls == 1  # the start-up self-test plan
     try:
-        jpeg = cv2.imencode(".jpg", np.zeros((48, 96, 3), np.uint8))[1].tobytes()
+        jpeg = cv2.imencode(".jpg", np.zeros((64, 128, 3), np.uint8))[1].tobytes()
         now = node.get_clock().now().nanoseconds
 
         def feed(end_ns, seconds=2.0):

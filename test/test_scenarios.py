@@ -19,7 +19,7 @@ def test_same_seed_same_scene_and_different_seed_differs():
 
 def test_scene_shapes_and_frames():
     scene = make_scene(5)
-    assert scene.images.shape == (2, 4, 48, 96, 3) and scene.images.dtype == np.uint8
+    assert scene.images.shape == (2, 4, 64, 128, 3) and scene.images.dtype == np.uint8
     assert scene.history_xyz.shape == (17, 3) and scene.history_tokens.shape == (48,)
     assert scene.future_xy.shape == (64, 2) and scene.future_controls.shape == (64, 2)
     assert np.allclose(scene.history_xyz[-1], 0.0, atol=1e-6)  # t0 is the origin of its own frame

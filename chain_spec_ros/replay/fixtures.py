@@ -41,6 +41,35 @@ def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | No
     return out
 
 
+def to_release_layout(target_dir: str | Path) -> Path:
+    """Rewrite a target saved by `TargetVLA.save_pretrained` into the layout of Alpamayo-R1's
+    release: every tensor in two shards beside an index, the VLM's under `vlm.`, the VLM folder
+    holding only its config.json (the release names its VLM by `vlm_name_or_path`), and the
+    release's other config fields. Returns the directory."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    target = Path(target_dir)
+    vlm = load_file(str(target / "vlm" / "model.safetensors"))
+    rest = load_file(str(target / "model.safetensors"))
+    for path in (target / "vlm" / "model.safetensors", target / "model.safetensors"):
+        path.unlink()
+    tensors = {**{"vlm." + k: v for k, v in vlm.items()}, **rest}
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(target / shard), metadata={"format": "pt"})
+    (target / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+         "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}, indent=1))
+    config = json.loads((target / "config.json").read_text())
+    config.update(traj_vocab_size=4000, tokens_per_history_traj=48, tokens_per_future_traj=128, min_pixels=163840,
+                  max_pixels=196608, add_special_tokens=True, attn_implementation="sdpa", model_dtype="float32")
+    (target / "config.json").write_text(json.dumps(config, indent=2))
+    return target
+
+
 def poison_target_weights(models: str | Path) -> Path:
     """Overwrite one weight tensor of the target's VLM (MODELS/target/vlm) with NaN: a corrupt
     checkpoint that still loads (for the start-up self-test's tests)."""
@@ -48,7 +77,7 @@ def poison_target_weights(models: str | Path) -> Path:
 
     path = Path(models) / "target" / "vlm" / "model.safetensors"
     weights = load_file(path)
-    name = next(n for n in sorted(weights) if "lm_head" in n or "embed_tokens" in n)
+    name = next(n for n in sorted(weights) if "embed_tokens" in n)  # NaN reaches every hidden state
     weights[name][:] = float("nan")
     save_file(weights, path)
     return Path(models)
