@@ -48,3 +48,27 @@ def test_load_errors_are_one_clear_error(tmp_path):
         load_planner(write_tiny_models(tmp_path / "tiny"), "torch", drafter="magic")
     auto = load_planner(write_tiny_models(tmp_path / "draft", draft=True), "torch", drafter="auto")
     assert auto.drafter is not None  # auto: the draft directory exists
+
+
+def test_sampled_plans_are_seeded_and_reproducible_and_greedy_follows_generation_config(tmp_path):
+    from chain_spec_ros.sampling import GREEDY
+    from conftest import random_scene
+
+    models = write_tiny_models(tmp_path / "models", draft=True)
+    planner = load_planner(models, "torch", "eagle")
+    assert (planner.generation.temperature, planner.generation.top_p) == (0.6, 0.98)  # the release's defaults
+    assert planner.sampling_for("greedy", 0.9, 0.5) is GREEDY
+    planner.sampling, planner.num_traj_samples = planner.sampling_for("sample", 1.5, 0.0), 3
+    assert (planner.sampling.temperature, planner.sampling.top_p) == (1.5, 0.98)
+    images, history = random_scene(4)
+    first, again = planner.plan(images, history, 5.0), planner.plan(images, history, 5.0)
+    assert first.coc_ids == again.coc_ids and np.array_equal(first.samples_xy, again.samples_xy)
+    assert first.samples_xy.shape == (3, 64, 2) and np.array_equal(first.samples_xy[0], first.trajectory_xy)
+    assert not np.array_equal(first.samples_xy[0], first.samples_xy[1])  # different flow noise per sample
+    outputs = set()
+    for seed in range(6):
+        planner.seed = seed
+        outputs.add(tuple(planner.plan(images, history, 5.0).coc_ids))
+    assert len(outputs) > 1  # the seed changes the sampled CoC
+    bins = range(planner.builder.tokenizer.bin_offset, planner.builder.tokenizer.bin_offset + 1000)
+    assert not any(token in bins for coc in outputs for token in coc)  # trajectory tokens suppressed
