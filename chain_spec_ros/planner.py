@@ -153,11 +153,15 @@ def target_decode(target: TargetEngine, first_logits, rope_delta: int, max_new: 
 
 
 def generation_defaults(target_dir: Path) -> Sampling:
-    """Temperature and top-p of the model's generation_config.json (in the target folder or its
-    VLM folder), else Alpamayo's release values 0.6 / 0.98."""
+    """Temperature and top-p of the model's generation_config.json (in the target folder or the
+    folder its `vlm_name_or_path` names), else Alpamayo's release values 0.6 / 0.98."""
     import json
 
-    for path in (target_dir / "generation_config.json", target_dir / "vlm" / "generation_config.json"):
+    folders = [target_dir]
+    config = target_dir / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("vlm_name_or_path"):
+        folders.append(target_dir / json.loads(config.read_text())["vlm_name_or_path"])
+    for path in (folder / "generation_config.json" for folder in folders):
         if path.is_file():
             config = json.loads(path.read_text())
             return Sampling(float(config.get("temperature") or 0.6), float(config.get("top_p") or 0.98))

@@ -3,7 +3,7 @@
 Two layouts load (the `model_type` in config.json decides):
 - "qwen3_vl": what `Qwen3VLForConditionalGeneration.save_pretrained` writes. The VLM only, so
   the target has no trajectory expert (it can reason, not drive);
-- "alpamayo_r1": Alpamayo-R1's release layout: the VLM config nested as `vlm_config`, the expert
+- "alpamayo_r1": Alpamayo-R1's release layout: the VLM named by `vlm_name_or_path`, the expert
   and action heads beside it (`alpamayo.py`).
 
 The camera frame size the model is fed is not part of either config (Qwen3-VL takes any size);

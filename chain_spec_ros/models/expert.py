@@ -216,7 +216,7 @@ def integrate_unicycle(accel: Tensor, curvature: Tensor, v0: Tensor | float, dt:
     state after k + 1 steps: v_{k+1} = v_k + a_k dt; theta_{k+1} = theta_k + kappa_k (v_k dt +
     a_k dt^2 / 2), the heading change over the distance the step travels; x and y by the
     trapezoid rule over the two ends' velocity vectors. No clamping, as in the release: a
-    plan whose speed goes negative is one `planner.check_plan` refuses. Returns x, y, yaw,
+    plan may end slightly below zero speed at a stop. Returns x, y, yaw,
     speed, each [..., H].
     """
     v0 = torch.as_tensor(v0, dtype=accel.dtype, device=accel.device).expand(accel.shape[:-1])
