@@ -384,6 +384,11 @@ def test_comma2k19_replay_keeps_planning(tmp_path, models):
 
 # --- Planning errors and dropped ticks (in process) -------------------------------------------------------
 
+from types import SimpleNamespace  # noqa: E402
+
+from chain_spec_ros.sampling import Sampling  # noqa: E402
+
+
 class ScriptedPlanner:
     """Stands in for the Planner: fails or sleeps on demand."""
 
@@ -399,6 +404,11 @@ class ScriptedPlanner:
                                       config=SimpleNamespace(vision=VisionConfig()))
         self.builder = SimpleNamespace(tokenizer=ChainTokenizer.load(default_tokenizer_path()))
         self.drafter = object()  # the node reports speculative decoding
+
+    def sampling_for(self, decoding, temperature=0.0, top_p=0.0):
+        from chain_spec_ros.planner import Planner
+
+        return Planner.sampling_for(SimpleNamespace(generation=Sampling(0.6, 0.98)), decoding, temperature, top_p)
 
     def plan(self, images, history_tokens, speed):
         from chain_spec_ros.planner import PlanResult
