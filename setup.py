@@ -51,6 +51,7 @@ setup(
             "chain-spec-train-draft = chain_spec_ros.training.draft:main",
             "chain-spec-train-aarl = chain_spec_ros.training.aarl:main",
             "chain-spec-eval = chain_spec_ros.evaluate:main",
+            "chain-spec-sim = chain_spec_ros.sim.cli:main",
             "chain-spec-demo = chain_spec_ros.demo:main",
             "chain-spec-export = chain_spec_ros.engines.export:main",
             "chain-spec-build-engines = chain_spec_ros.engines.build:main",

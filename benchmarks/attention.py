@@ -38,9 +38,10 @@ def attention_mass(draft: EagleDraft, prompt, ids: torch.Tensor, features) -> np
     """Mean attention share of CoC queries on (image, history, text) keys."""
     n0 = ids.shape[1] - 1
     positions = prompt.positions(0, n0, draft.cfg.position_mode)[:, None]
-    x = draft.layer.input_layernorm(draft.inputs(ids[:, 1:], draft.fuse_features(features)[:, :n0]))
+    layer = draft.layers[0]
+    x = layer.attention_input(draft.embed_tokens(ids[:, 1:]), draft.fuse_features(features)[:, :n0])
     cos, sin = draft.rotary_emb(positions)
-    q, k, _ = draft.layer.self_attn.project(x, cos, sin)
+    q, k, _ = layer.self_attn.project(x, cos, sin)
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-1, -2)) / q.shape[-1] ** 0.5
     scores = scores.masked_fill(~causal_mask(n0, 0), float("-inf"))
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     cocs = greedy_cocs(target, builder, table.arrays["images"], table.arrays["history_tokens"])
     results = {}
     for directory in args.drafts:
-        draft = EagleDraft.from_pretrained(directory, target.decoder.embed_tokens, target.decoder.lm_head).eval()
+        draft = EagleDraft.from_pretrained(directory, target.decoder).eval()
         masses = []
         for i in range(len(table)):
             prompt = builder.build(table.arrays["images"][i], table.arrays["history_tokens"][i])
             ids = torch.tensor([prompt.input_ids.tolist() + cocs[i] + [builder.cot_end_id]])
-            features = target_features(target, prompt, ids, torch.from_numpy(prompt.images), draft.cfg.feature_layers)
+            features, _ = target_features(target, prompt, ids, torch.from_numpy(prompt.images), draft.cfg.feature_layers)
             masses.append(attention_mass(draft, prompt, ids, features))
-        label = f"{Path(directory).name} ({draft.cfg.position_mode})"
+        label = f"{Path(directory).name} ({draft.cfg.position_mode}, rope theta {draft.cfg.rope_theta:g})"
         results[label] = dict(zip(GROUPS, np.mean(masses, 0).round(4).tolist()))
         print(label, results[label])
 

@@ -38,6 +38,7 @@ from chain_spec_ros.drafters import EagleDrafter  # noqa: E402
 from chain_spec_ros.engines.export import export_models  # noqa: E402
 from chain_spec_ros.engines.factory import build_engines  # noqa: E402
 from chain_spec_ros.engines.manifest import ExportError  # noqa: E402
+from chain_spec_ros.models.checkpoint import load_target_config  # noqa: E402
 from chain_spec_ros.models.config import DecoderConfig, TargetConfig  # noqa: E402
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft  # noqa: E402
 from chain_spec_ros.models.target import TargetVLA  # noqa: E402
@@ -63,8 +64,7 @@ def make_random_models(directory: Path, hidden: int = 256, layers: int = 8) -> P
                        image_pad_id=tokenizer.id("<|image_pad|>"))
     target = TargetVLA(cfg).eval()
     target.save_pretrained(directory / "target")
-    EagleDraft(DraftConfig.for_target(cfg.decoder), target.decoder.embed_tokens,
-               target.decoder.lm_head).save_pretrained(directory / "draft")
+    EagleDraft(DraftConfig.for_target(cfg.decoder), target.decoder.embed_tokens).save_pretrained(directory / "draft")
     return directory
 
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     draft_dir = draft_dir if (draft_dir / "model.safetensors").is_file() else None
     if args.export or (args.random_models and not (models / "onnx" / "manifest.json").is_file()):
         export_models(models, draft_dir)
-    config = TargetConfig.load(models / "target" / "config.json")
+    config = load_target_config(models / "target")
     builder = PromptBuilder(ChainTokenizer.load(models / "tokenizer.json"), *config.vision.grid)
     scenes = load_scenes(args, (config.vision.image_height, config.vision.image_width))
     rows = []

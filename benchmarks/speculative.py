@@ -63,7 +63,7 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
     identical = near_tie = produced = passes = drafted = tokens = target_tokens = 0
     draft_ms = verify_ms = 0.0
     acceptance = None
-    divergent = []
+    divergent, per_run = [], []
     decisions = {"target": {}, "speculative": {}}
     greedy = planner_spec.sampling.greedy
     runs = [(i, r) for i in range(n) for r in range(repeats)]
@@ -89,6 +89,8 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
             near_tie += gap < NEAR_TIE
             divergent.append({"seed": int(scene["seed"]), "top2_gap": gap, "target": base.coc, "speculative": spec.coc})
         stats = spec.stats
+        per_run.append({"produced": round(stats["tau"] * stats["target_passes"]), "passes": stats["target_passes"],
+                        "drafted": spec.token_sources.count("draft"), "tokens": len(spec.token_sources)})
         passes += stats["target_passes"]
         produced += round(stats["tau"] * stats["target_passes"])
         drafted += spec.token_sources.count("draft")
@@ -123,6 +125,7 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
         "verify_ms_per_scene": verify_ms / runs_done,
         "stages_ms": mean,
         "divergent": divergent[:20],
+        "per_run": per_run,  # scene by scene (repeats in order): what bootstrap intervals resample
     }
 
 
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"drafter": args.drafter, "draft_dir": args.draft_dir, "backend": speculative.backend,
               "threads": args.threads, **run(target_only, speculative, table, args.limit, repeats=args.repeats)}
     text = json.dumps(report, indent=1)
-    print(json.dumps({k: v for k, v in report.items() if k not in ("divergent", "stages_ms")}, indent=1))
+    print(json.dumps({k: v for k, v in report.items() if k not in ("divergent", "stages_ms", "per_run")}, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)

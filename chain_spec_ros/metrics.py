@@ -69,3 +69,26 @@ def chi_square_homogeneity_p_value(counts_a, counts_b) -> float:
     if dof < 1:
         return 1.0
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
+
+
+def bootstrap_ratio(numerators, denominators, other_numerators=None, other_denominators=None,
+                    resamples: int = 2000, seed: int = 0, level: float = 0.95) -> tuple[float, float, float]:
+    """A ratio of sums over scenes (tau = tokens decided / target passes) and its percentile
+    bootstrap interval, resampling scenes. With `other_*` (the same scenes, another drafter): the
+    paired difference ratio - other ratio and its interval, so a difference is called one only
+    when the interval excludes 0. Returns (estimate, low, high)."""
+    rng = np.random.default_rng(seed)
+    num, den = np.asarray(numerators, float), np.asarray(denominators, float)
+    paired = other_numerators is not None
+    if paired:
+        num2, den2 = np.asarray(other_numerators, float), np.asarray(other_denominators, float)
+        if num2.shape != num.shape:
+            raise ValueError("a paired bootstrap needs the same scenes on both sides")
+
+    def statistic(index) -> float:
+        value = num[index].sum() / max(den[index].sum(), 1e-12)
+        return value - num2[index].sum() / max(den2[index].sum(), 1e-12) if paired else value
+
+    draws = np.array([statistic(rng.integers(0, len(num), len(num))) for _ in range(resamples)])
+    tail = (1 - level) / 2 * 100
+    return statistic(np.arange(len(num))), float(np.percentile(draws, tail)), float(np.percentile(draws, 100 - tail))

@@ -59,6 +59,15 @@ class Planner:
         self.seed = seed
         self.sampling = sampling
         self.num_traj_samples = num_traj_samples
+        self.max_coc_tokens: int | None = None  # None: MAX_COC_TOKENS; fewer truncates the CoC (a lossy shortcut)
+        # Before the expert reads the cache, feed the whole CoC to the target again in one pass
+        # (the cache cropped to the prompt). Why: target-only decoding writes the CoC's keys one
+        # token at a time and speculative decoding in verify passes of k + 1; equal tokens then
+        # give keys equal only to float rounding (trajectories ~1e-6 m apart). Replayed in one
+        # pass, the expert reads the same bits whichever decoder chose the tokens, at the cost of
+        # one pass over the CoC. Off by default (the node publishes as before); the closed-loop
+        # simulator turns it on to compare decoders bit for bit.
+        self.replay_coc_for_expert = False
         self.generation = Sampling(0.6, 0.98)  # the model's sampling defaults; load_planner reads them
         self.stop_id = builder.cot_end_id
         self.future_start_id = builder.ids["<|traj_future_start|>"]
@@ -83,9 +92,10 @@ class Planner:
         # One reading of the settings a node may change from another thread while this runs.
         drafter, k, expert_steps, seed = self.drafter, self.k, self.expert_steps, self.seed
         sampling, num_samples = self.suppressing(self.sampling), max(self.num_traj_samples, 1)
+        max_coc, replay = self.max_coc_tokens or MAX_COC_TOKENS, self.replay_coc_for_expert
         generator = torch.Generator().manual_seed(seed)
         prompt = self.builder.build(images, history_tokens)
-        max_len = len(prompt) + MAX_COC_TOKENS + k + 4
+        max_len = len(prompt) + max_coc + k + 4
         self.target.start(max_len)
         if drafter is not None:
             drafter.start(max_len)
@@ -96,17 +106,21 @@ class Planner:
         lap("prefill")
         stats, sources = {"draft_k": k if drafter is not None else 0}, []
         if drafter is None:
-            coc_ids = target_decode(self.target, logits, prompt.rope_delta, MAX_COC_TOKENS, self.stop_id, sampling,
+            coc_ids = target_decode(self.target, logits, prompt.rope_delta, max_coc, self.stop_id, sampling,
                                     generator)
             sources = ["target"] * len(coc_ids)
         else:
             coc_ids, spec = speculative_decode(self.target, drafter, prompt, logits, features,
-                                               self.stop_id, MAX_COC_TOKENS, k, sampling, generator)
+                                               self.stop_id, max_coc, k, sampling, generator)
             stats, sources = {**stats, **spec.as_dict()}, spec.token_sources
         lap("decode")
         timings["decode_per_token"] = timings["decode"] / max(len(coc_ids), 1)
         # The expert reads the cache through `<|traj_future_start|>`, as in training.
-        self.target.decode([self.stop_id, self.future_start_id], prompt.rope_delta)
+        tail = [self.stop_id, self.future_start_id]
+        if replay:
+            self.target.crop(len(prompt))
+            tail = coc_ids + tail
+        self.target.decode(tail, prompt.rope_delta)
         trajectories = [self.target.trajectory(prompt.rope_delta, float(speed), expert_steps, seed + i)
                         for i in range(num_samples)]
         lap("expert")

@@ -59,9 +59,9 @@ def models(tmp_path_factory):
         target.decoder.lm_head.weight[tok.id("<|cot_end|>")] *= 1.8
         target.expert.action_space.set_stats([0.3, -0.01], [1.5, 0.02])
     target.save_pretrained(root / "target")
-    draft_cfg = DraftConfig.for_target(cfg.decoder)  # with a draft vocabulary: the graphs compute its head rows only
-    draft_cfg.vocab = sorted({tok.id("<|cot_end|>"), *torch.randperm(tok.vocab_size)[:400].tolist()})
-    draft = EagleDraft(draft_cfg, target.decoder.embed_tokens, target.decoder.lm_head)
+    vocab = sorted({tok.id("<|cot_end|>"), *torch.randperm(tok.vocab_size)[:400].tolist()})
+    draft = EagleDraft(DraftConfig.for_target(cfg.decoder, vocab), target.decoder.embed_tokens)  # a reduced vocabulary
+    draft.init_head_from(target.decoder.lm_head)
     draft.save_pretrained(root / "draft")
     assert export.main(["--models", str(root), "--draft", str(root / "draft")]) == 0  # the CLI, as a user runs it
     return root
@@ -137,7 +137,7 @@ def test_export_writes_checked_graphs_and_manifest(models):
     written = json.loads((models / "onnx" / "manifest.json").read_text())
     verify = manifest.fixed_name("target_decoder", DEFAULT_K + 1)
     assert set(written["graphs"]) == {*manifest.GRAPHS, "target_decoder_t1", verify, "draft_step_t1"}
-    assert written["target"]["feature_layers"] == [1, 2]  # the draft's [1, 1, 2], one output per layer
+    assert written["target"]["feature_layers"] == [0, 1]  # the draft's [1, 0, 0] (EAGLE-3 on 3 layers), one output per layer
     assert written["target"]["fingerprint"] == manifest.fingerprint(models / "target")
     assert written["draft"]["fingerprint"] == manifest.fingerprint(models / "draft")
     assert written["target"]["deepstack_layers"] == 2 and written["target"]["expert"]["horizon"] == 64
@@ -438,9 +438,9 @@ def test_stale_or_missing_export_is_reported(models, tmp_path):
 def test_stale_draft_export_is_reported(models, tmp_path):
     copy = _copy_models(models, tmp_path)
     target = TargetVLA.from_pretrained(copy / "target")
-    draft = EagleDraft.from_pretrained(copy / "draft", target.decoder.embed_tokens, target.decoder.lm_head)
+    draft = EagleDraft.from_pretrained(copy / "draft", target.decoder)
     with torch.no_grad():
-        draft.fuse.weight.mul_(2.0)
+        draft.fc.weight.mul_(2.0)
     draft.save_pretrained(copy / "draft")
     build_engines(copy, "onnxruntime")  # the target alone is still current
     with pytest.raises(manifest.StaleExportError, match="draft graphs .* re-run: chain-spec-export .* --draft"):

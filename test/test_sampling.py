@@ -1,10 +1,11 @@
 """Sampling as Alpamayo samples (temperature, top-p, suppressed trajectory tokens), and
 speculative sampling keeping exactly that distribution, also with a draft restricted to a
 vocabulary."""
+import numpy as np
 import pytest
 import torch
 
-from chain_spec_ros.metrics import chi_square_p_value
+from chain_spec_ros.metrics import bootstrap_ratio, chi_square_p_value
 from chain_spec_ros.sampling import Sampling
 from chain_spec_ros.speculative import verify_sampled
 
@@ -63,3 +64,21 @@ def test_speculative_sampling_keeps_the_target_distribution_with_a_restricted_dr
     seen = expected > 0
     assert counts[~seen].sum() == 0  # nothing outside the top-p sets
     assert chi_square_p_value(counts[seen], expected[seen] * n) > 1e-3
+
+
+def test_bootstrap_interval_separates_a_real_difference_from_noise():
+    """The ablation's intervals: tau as a ratio of sums over scenes; a paired difference is
+    called one only when its interval excludes zero."""
+    rng = np.random.default_rng(0)
+    passes = rng.integers(3, 8, 150)
+    produced = passes * 6 + rng.integers(-3, 4, 150)  # tau about 6
+    tau, low, high = bootstrap_ratio(produced, passes)
+    assert low < tau < high and high - low < 0.5 and tau == pytest.approx(produced.sum() / passes.sum())
+    noise = produced + rng.integers(-1, 2, 150)  # another draft, same scenes, no real difference
+    better = produced + passes  # one more token per pass on every scene
+    _, low, high = bootstrap_ratio(noise, passes, produced, passes)
+    assert low < 0 < high
+    difference, low, high = bootstrap_ratio(better, passes, produced, passes)
+    assert difference == pytest.approx(1.0) and low > 0.9
+    with pytest.raises(ValueError, match="same scenes"):
+        bootstrap_ratio(produced, passes, produced[:10], passes[:10])

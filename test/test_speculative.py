@@ -76,8 +76,9 @@ class OracleDrafter:
 @pytest.mark.parametrize("mode", ["flat", "mrope"])
 def test_eagle_draft_is_lossless(setup, mode):
     target, builder = setup
-    draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, mode), target.decoder.embed_tokens,
-                       target.decoder.lm_head).eval()
+    draft = EagleDraft(DraftConfig.for_target(target.cfg.decoder, position_mode=mode), target.decoder.embed_tokens)
+    draft.init_head_from(target.decoder.lm_head)
+    draft.eval()
     for seed in range(8):
         prompt = _prompt(builder, seed)
         expected, expected_length = _greedy(target, builder, prompt)

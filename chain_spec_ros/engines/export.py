@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..constants import DEFAULT_K
 from ..models.decoder import Attention, AttentionFunction, Decoder
-from ..models.draft import DraftConfig, EagleDraft
+from ..models.draft import EagleDraft, eagle3_feature_layers
 from ..models.expert import TrajectoryExpert
 from ..models.target import TargetVLA
 from ..models.vision import VisionAttention, VisionTower
@@ -257,7 +257,6 @@ class DraftStep(nn.Module):
     def __init__(self, draft: EagleDraft, in_place: bool = False):
         super().__init__()
         self.draft, self.in_place = draft, in_place
-        self.embed, self.head = draft._shared  # traced as graph constants (the target's, frozen)
 
     def forward(self, token_ids: Tensor, features: Tensor, positions: Tensor, past_length: Tensor,
                 past_key: Tensor, past_value: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -481,8 +480,8 @@ def export_models(models: str | Path, draft_dir: str | Path | None = None, out: 
     target = TargetVLA.from_pretrained(models / "target").eval()
     draft = None
     if draft_dir is not None:
-        draft = EagleDraft.from_pretrained(draft_dir, target.decoder.embed_tokens, target.decoder.lm_head).eval()
-    layers = draft.cfg.feature_layers if draft is not None else DraftConfig.for_target(target.cfg.decoder).feature_layers
+        draft = EagleDraft.from_pretrained(draft_dir, target.decoder).eval()
+    layers = draft.cfg.feature_layers if draft is not None else eagle3_feature_layers(target.cfg.decoder.num_layers)
     layers = sorted({i % target.cfg.decoder.num_layers for i in layers})
     graphs = export_target(target, out, layers, opset, fixed_tokens=(1, k + 1))
     if draft is not None:

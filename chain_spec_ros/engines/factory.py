@@ -101,7 +101,7 @@ def _torch_engines(models: Path, draft_dir: Path | None, device: str | None) -> 
     target_model = load_target_model(models)
     draft = None
     if draft_dir is not None:
-        draft = EagleDraft.from_pretrained(draft_dir, target_model.decoder.embed_tokens, target_model.decoder.lm_head)
+        draft = EagleDraft.from_pretrained(draft_dir, target_model.decoder)
     layers = list(draft.cfg.feature_layers) if draft is not None else []
     return TorchTargetEngine(target_model, layers, device), (TorchDraftEngine(draft, device) if draft is not None else None)
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from ..models.checkpoint import load_target_config
 from ..models.config import TargetConfig
 from ..models.draft import DraftConfig
+from ..models.draft_format import draft_config as eagle3_config
 from ..models.expert import UnicycleActionSpace, integrate_flow, trajectory_from_actions
 from ..models.target import scatter_deepstack, splice_image_embeds
 from ..models.vision import VisualFeatures
@@ -82,7 +83,7 @@ def on_engine_stream(method):
 def load_configs(models: Path, draft_dir: str | Path | None) -> tuple[TargetConfig, DraftConfig | None, list[int]]:
     """(the target's config, the draft's or None, the target layers the draft reads)."""
     config = load_target_config(models / "target")
-    draft_config = DraftConfig.load(Path(draft_dir) / "config.json") if draft_dir is not None else None
+    draft_config = eagle3_config(draft_dir, config.decoder) if draft_dir is not None else None
     return config, draft_config, list(draft_config.feature_layers) if draft_config is not None else []
 
 

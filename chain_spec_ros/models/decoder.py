@@ -41,17 +41,23 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention; q and k are RMS-normalised per head before the rotation."""
+    """Grouped-query attention; q and k are RMS-normalised per head before the rotation (Qwen3).
 
-    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float):
+    input_size: the width q, k and v read (default `hidden`; EAGLE-3's draft layer reads its
+    2 x hidden [embedding; feature] input); qk_norm=False gives a Llama attention, as EAGLE-3's
+    draft layer has."""
+
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, eps: float,
+                 input_size: int | None = None, qk_norm: bool = True):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
-        self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=False)
+        input_size = input_size or hidden
+        self.q_proj = nn.Linear(input_size, num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(input_size, num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(input_size, num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
-        self.q_norm = RMSNorm(head_dim, eps)
-        self.k_norm = RMSNorm(head_dim, eps)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.attention: AttentionFunction = F.scaled_dot_product_attention
 
     def project(self, x: Tensor, cos: Tensor, sin: Tensor, last_query_only: bool = False

@@ -35,8 +35,7 @@ def write_tiny_models(out: str | Path, seed: int = 0, tokenizer: str | Path | No
     if draft:
         from ..models.draft import DraftConfig, EagleDraft
 
-        EagleDraft(DraftConfig.for_target(config.decoder), target.decoder.embed_tokens,
-                   target.decoder.lm_head).save_pretrained(out / "draft")
+        EagleDraft(DraftConfig.for_target(config.decoder), target.decoder.embed_tokens).save_pretrained(out / "draft")
     shutil.copyfile(source, out / "tokenizer.json")
     return out
 

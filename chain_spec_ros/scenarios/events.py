@@ -25,6 +25,8 @@ from .road import LANE_WIDTH, Route, rectangle
 T0 = 2.0  # the planning instant inside a simulated scene
 T_END = T0 + 6.6  # the future horizon (6.4 s) plus a margin
 EGO_START_S = 12.0
+STOP_LINE_COLOUR = (240, 240, 240)  # the stop line's ground surface; the simulator finds stop lines by it
+JUNCTION_COLOUR = (85, 85, 85)  # a cross road's surface: drivable, as the simulator's off-road check knows
 
 LONGITUDINAL = ("Stop", "Yield", "Pass", "Gap-search", "Keep distance", "Adapt speed", "Resume speed")
 LATERAL = ("Lane change left", "Lane change right", "Nudge left", "Nudge right", "Turn left", "Turn right",
@@ -133,7 +135,7 @@ def _intersection(route: Route, s_center: float, width: float = 14.0):
     road = rectangle((x, y), heading + np.pi / 2, 120.0, width)
     sx, sy, _ = route.pose(s_center - width / 2 - 1.0, 0.5 * LANE_WIDTH)
     stop_line = rectangle((sx, sy), heading, 0.5, 2 * LANE_WIDTH)
-    return [(road, (85, 85, 85)), (stop_line, (240, 240, 240))], s_center - width / 2 - 1.0
+    return [(road, JUNCTION_COLOUR), (stop_line, STOP_LINE_COLOUR)], s_center - width / 2 - 1.0
 
 
 def _crosswalk(route: Route, s: float):

@@ -68,6 +68,23 @@ def ego_state_from_history(history_xyz: np.ndarray, speed: float) -> EgoState:
     return EgoState(speed_state(history_speeds(history_xyz), speed), speed, *road_shape(history_xyz))
 
 
+def history_times(t0: float) -> np.ndarray:
+    """The 17 history instants t0-1.6 s .. t0 (10 Hz, oldest first)."""
+    return t0 - STEP_SECONDS * np.arange(HISTORY_STEPS, -1, -1)
+
+
+def frame_times(t0: float) -> np.ndarray:
+    """The NUM_FRAMES camera instants per camera, 10 Hz, the last one at t0 (oldest first)."""
+    return t0 - STEP_SECONDS * np.arange(NUM_FRAMES - 1, -1, -1)
+
+
+def local_history(world_xy: np.ndarray, origin: tuple[float, float, float]) -> np.ndarray:
+    """History poses [17, 3] in the t0 frame from world (x, y) [17, 2] at `history_times`:
+    planar (z = 0), as the dataset and the node give them; `history_bins` tokenises it.
+    Shared by `make_scene` and the closed-loop simulator, so both build the history alike."""
+    return np.column_stack([to_local_frame(world_xy, origin), np.zeros(len(world_xy))])
+
+
 def make_scene(seed: int, renderer: Renderer | None = None, event: str | None = None, render: bool = True) -> Scene:
     """The scene of one seed; `render=False` skips the cameras (for text-only uses such as
     training the tokeniser) and leaves `images` empty."""
@@ -76,9 +93,8 @@ def make_scene(seed: int, renderer: Renderer | None = None, event: str | None = 
     track = simulate_ego(world.route, world.plan, world.s0, world.v0, T_END)
     origin = track.pose(T0)
 
-    history_times = T0 - STEP_SECONDS * np.arange(HISTORY_STEPS, -1, -1)
-    history = sample_track(track, history_times)
-    history_xyz = np.column_stack([to_local_frame(history[:, :2], origin), np.zeros(len(history))])
+    history = sample_track(track, history_times(T0))
+    history_xyz = local_history(history[:, :2], origin)
 
     future_times = T0 + STEP_SECONDS * np.arange(0, FUTURE_STEPS + 1)
     future = sample_track(track, future_times)
@@ -87,9 +103,8 @@ def make_scene(seed: int, renderer: Renderer | None = None, event: str | None = 
     images = np.zeros((0,), np.uint8)
     if render:
         renderer = renderer or Renderer()
-        frame_times = T0 - STEP_SECONDS * np.arange(NUM_FRAMES - 1, -1, -1)
         frames = []
-        for t in frame_times:
+        for t in frame_times(T0):
             state = sample_track(track, [t])[0]
             frames.append(renderer.render(world, tuple(state[:3]), state[4], t))
         images = np.stack(frames, axis=1)  # [cameras, frames, H, W, 3]

@@ -1,18 +1,26 @@
-"""AARL: action-aware RL post-training of the draft (docs/ARCHITECTURE.md, 'Training').
+"""AARL: action-aware RL post-training of the draft, as the paper's authors' code runs it
+(docs/ARCHITECTURE.md, 'Training').
 
-For each training scene, at CoC positions where the greedy draft disagrees with the target:
-sample K draft continuations (temperature 1.0) that replace 5 consecutive CoC tokens, re-run
-the target and its trajectory expert on every modified CoC, and reward each sample with
-    -MSE(trajectory of the modified CoC, trajectory of the original CoC) + 0.5 x token-match rate
-(plus an optional rule-based meta-action term, weight 0 by default). The advantage is the
-reward minus the group mean (GRPO style). The loss is
-    -advantage x sum of log pi over the replaced positions + 0.02 x KL(pi || pi_ref),
-with pi_ref a frozen copy of the SFT draft that is never refreshed (the static-reference KL
-anchor), applied at CoC positions where pi_ref's argmax matches the target. pi is the draft's
-proposal distribution (`EagleDraft.proposal_logits`: its vocabulary only), the one drafting
-greedily picks from and samples from, so disagreements and samples are those of deployment;
-the KL compares the whole-vocabulary distributions. The checkpoint
-with the best validation tau is kept, the SFT start included.
+One update per training scene (prompt + the target's greedy CoC + `<|cot_end|>`):
+1. the reference action a*: the target's expert on its own CoC (one noise draw), in the expert's
+   normalised (acceleration, curvature) space;
+2. the probe: the policy draft's greedy gamma-step chain at every block start b (every CoC
+   index b, anchored at CoC token b), and the first chain position where it departs from the
+   target's CoC;
+3. windows of up to `--window` positions from each block's first rejection, taken in order of
+   b, never overlapping, until `--budget` positions are taken;
+4. per block, K samples: at each window position the greedy chain rejects, K tokens drawn
+   independently from the chain's distribution there (temperature 1); the other positions keep
+   the greedy token (the target's). Each sampled CoC goes through the target and its expert with
+   its own noise; reward = -MSE(action, a*) + 0.5 x the window's token-match rate; advantage =
+   reward - group mean; block loss = -mean(advantage x log pi(samples)) + 0.02 x KL(pi || pi_ref),
+   the KL over the chain positions where the frozen SFT reference's greedy token is the target's;
+5. the update's loss is the mean over its blocks; AdamW (lr 1e-5, betas 0.9/0.95, no decay,
+   constant), gradients clipped to 1.
+
+pi is the draft's distribution over its vocabulary, the one drafting chooses from. The authors
+pick checkpoints by evaluation after training; here validation tau (the real draft-verify loop)
+picks them during training, the SFT start included.
 
     chain-spec-train-aarl --data DATA --target models/target --draft models/draft --out models/draft_aarl
 """
@@ -29,80 +37,86 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..models.decoder import causal_mask
 from ..models.draft import EagleDraft
 from ..models.target import TargetVLA
 from ..models.tokenizer import ChainTokenizer
 from ..prompt import PromptBuilder
-from ..scenarios.coc import decision_from_coc
 from .common import average_gradients, save_curves, setup_runtime, shutdown_runtime
-from .draft import BestTauCheckpoint, greedy_splits, target_features
-
-REPLACED = 5
+from .draft import BestTauCheckpoint, chain_rollout, greedy_splits, target_features
 
 
-def step0_logits(draft: EagleDraft, prompt, ids: torch.Tensor, features, remember=None):
-    """Draft hidden states and logits [1, T-1, V] at every index i (predicting token i+2), with
-    the true target features; `remember` captures the draft's keys for chained sampling."""
-    n0 = ids.shape[1] - 1
-    positions = prompt.positions(0, n0, draft.cfg.position_mode)[:, None]
-    hidden = draft(ids[:, 1:], draft.fuse_features(features)[:, :n0], positions, kv_hook=remember,
-                   mask=causal_mask(n0, 0))
-    return hidden, draft.logits(hidden)
+def chain_logits(draft: EagleDraft, prompt, ids: torch.Tensor, features, gamma: int) -> torch.Tensor:
+    """The draft's greedy chains of `gamma` steps at every CoC block start: logits over the draft
+    vocabulary [gamma, N-1, Vd], chain step s at block b predicting CoC token b+1+s (N: CoC length
+    with its stop token; block b is anchored at CoC token b, base index P+b-1)."""
+    P, T = len(prompt), ids.shape[1]
+    rollout, _ = chain_rollout(draft, prompt, ids, features, gamma, first_base=P - 1, greedy=True)
+    return torch.stack([draft.logits(hidden[0, : T - P - 1]) for hidden in rollout])
 
 
-def sample_chains(draft: EagleDraft, prompt, hidden0: torch.Tensor, keys, base: int, num: int, length: int,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` chained samples of `length` tokens after `base` (temperature 1), as drafting does.
-
-    Returns tokens [num, length] and the summed log-probabilities [num] (differentiable).
-    """
-    k0, v0 = keys
-    prefix_k = k0[:, :, : base + 1].expand(num, -1, -1, -1)
-    prefix_v = v0[:, :, : base + 1].expand(num, -1, -1, -1)
-    chain_k, chain_v = [], []
-
-    def extend(k, v):
-        chain_k.append(k)
-        chain_v.append(v)
-        return torch.cat([prefix_k] + chain_k, dim=2), torch.cat([prefix_v] + chain_v, dim=2)
-
-    hidden = hidden0[:, base : base + 1].expand(num, -1, -1)
-    tokens, log_prob = [], 0.0
-    for t in range(length):
-        log_probs = F.log_softmax(draft.proposal_logits(hidden)[:, -1].float(), dim=-1)
-        token = torch.multinomial(log_probs.exp().detach(), 1, generator=generator)
-        tokens.append(token)
-        log_prob = log_prob + log_probs.gather(1, token).squeeze(1)
-        if t + 1 < length:
-            positions = prompt.positions(base + 1 + t, 1, draft.cfg.position_mode)[:, None].expand(3, num, 1)
-            hidden = draft(token, hidden, positions, kv_hook=extend)
-    return torch.cat(tokens, dim=1), log_prob
+def select_windows(rejected: torch.Tensor, available: torch.Tensor, window: int, budget: int
+                   ) -> list[tuple[int, int, int]]:
+    """(block b, first rejected chain step, window length) in order of b: windows start at each
+    block's first rejection, hold up to `window` positions, never overlap, and stop at `budget`
+    positions in all. rejected [gamma, N-1] bool; available [N-1]: CoC tokens after each block."""
+    chosen, cursor, total = [], 0, 0
+    for b in range(rejected.shape[1]):
+        steps = rejected[: int(available[b]), b].nonzero().flatten()
+        if b < cursor or len(steps) == 0:
+            continue
+        first = int(steps[0])
+        take = min(window, int(available[b]) - first, budget - total)
+        chosen.append((b, first, take))
+        cursor, total = b + first + take, total + take
+        if total >= budget:
+            break
+    return chosen
 
 
 @torch.no_grad()
-def trajectories_for(target: TargetVLA, prompt, ids: torch.Tensor, images: torch.Tensor, start: int,
-                     suffixes: torch.Tensor, tail: list[int], speed: float, steps: int, seed: int) -> torch.Tensor:
-    """Expert trajectories (x, y) [R, 64, 2] for prompt + ids[start-prefix] + each suffix + tail.
-
-    The shared prefix runs once; every row samples the flow from the same noise, so rows differ
-    only through their CoC.
-    """
+def actions_for(target: TargetVLA, prompt, ids: torch.Tensor, images: torch.Tensor, start: int,
+                suffixes: torch.Tensor, steps: int | None, generator: torch.Generator) -> torch.Tensor:
+    """The expert's normalised actions [R, H, 2] for the sequences ids[:start] + each suffix row
+    (a CoC's rest, its stop token and `<|traj_future_start|>`), each row with its own noise; the
+    shared prefix runs once."""
     rows = suffixes.shape[0]
-    prefix = ids[:, :start]
-    cache = target.new_cache(1, ids.shape[1] + suffixes.shape[1] + len(tail) + 2)
+    cache = target.new_cache(1, start + suffixes.shape[1] + 1)
     positions = torch.cat([prompt.mrope_positions, prompt.positions(len(prompt), start - len(prompt), "mrope")], 1)
-    target.prefill(prefix, target.encode_images(images), positions, cache, num_logits=1)
+    target.prefill(ids[:, :start], target.encode_images(images), positions, cache, num_logits=1)
     batched = target.new_cache(rows, cache.max_len)
     for layer in range(len(cache.keys)):
         batched.keys[layer][:, :, :start] = cache.keys[layer][:, :, :start]
         batched.values[layer][:, :, :start] = cache.values[layer][:, :, :start]
     batched.length = start
-    target.decode(torch.cat([suffixes, torch.tensor(tail).expand(rows, -1)], dim=1), batched, prompt.rope_delta)
-    generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(1, target.cfg.expert.horizon, target.cfg.expert.action_dim, generator=generator)
-    traj = target.trajectory(batched, prompt.rope_delta, speed, steps, noise=noise.expand(rows, -1, -1))
-    return torch.stack([traj.x, traj.y], dim=-1)
+    target.decode(suffixes, batched, prompt.rope_delta)
+    return target.expert.sample(batched, prompt.rope_delta, steps, generator)
+
+
+def block_loss(logits: torch.Tensor, ref_logits: torch.Tensor, truth: torch.Tensor, b: int, first: int, take: int,
+               draft: EagleDraft, samples: int, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For block b: sampled window tokens [K, take] (target ids), their summed log-probabilities
+    [K] (differentiable) and the KL anchor (scalar). logits / ref_logits [gamma, N-1, Vd];
+    truth [gamma, N-1] the target's CoC token each chain step predicts (-1 past the CoC)."""
+    chain, reference, wanted = logits[:, b], ref_logits[:, b], truth[:, b]
+    greedy = draft.target_ids[chain.argmax(-1)]
+    log_pi = F.log_softmax(chain.float(), dim=-1)
+    tokens, log_prob = [], torch.zeros(samples)
+    for s in range(first, first + take):
+        if greedy[s] == wanted[s]:  # accepted inside the window: every sample keeps it
+            tokens.append(greedy[s].expand(samples))
+            continue
+        drawn = torch.multinomial(log_pi[s].exp().detach(), samples, replacement=True, generator=generator)
+        tokens.append(draft.target_ids[drawn])
+        log_prob = log_prob + log_pi[s, drawn]
+    inside = wanted >= 0
+    anchored = inside & (draft.target_ids[reference.argmax(-1)] == wanted)
+    if anchored.any():
+        log_ref = F.log_softmax(reference[anchored].float(), dim=-1)
+        kl = (log_pi[anchored].exp() * (log_pi[anchored] - log_ref)).sum(-1).mean()
+    else:
+        kl = torch.zeros(())
+    return torch.stack(tokens, dim=1), log_prob, kl
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,13 +129,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer")
     parser.add_argument("--train-scenes", type=int, default=5000)
     parser.add_argument("--val-scenes", type=int, default=64)
-    parser.add_argument("--updates", type=int, default=200, help="policy-gradient updates (one disagreement each)")
-    parser.add_argument("--samples", type=int, default=32, help="K continuations per disagreement")
-    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--updates", type=int, default=200, help="optimizer steps (one training scene each)")
+    parser.add_argument("--gamma", type=int, default=7, help="chain length of the probe (the authors' block_size - 1)")
+    parser.add_argument("--window", type=int, default=5, help="positions per block window (multiblock_N)")
+    parser.add_argument("--budget", type=int, default=10, help="window positions per update (multiblock_max_total)")
+    parser.add_argument("--samples", type=int, default=32, help="K samples per block")
+    parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--kl-weight", type=float, default=0.02)
     parser.add_argument("--match-weight", type=float, default=0.5)
-    parser.add_argument("--meta-action-weight", type=float, default=0.0)
-    parser.add_argument("--expert-steps", type=int, default=5)
+    parser.add_argument("--expert-steps", type=int, default=None, help="Euler steps (default: the expert's)")
     parser.add_argument("--evals", type=int, default=4)
     parser.add_argument("--cache-dir")
     parser.add_argument("--seed", type=int, default=0)
@@ -133,79 +149,78 @@ def main(argv: list[str] | None = None) -> int:
         p.requires_grad_(False)
     tokenizer = ChainTokenizer.load(args.tokenizer or Path(args.target).parent / "tokenizer.json")
     builder = PromptBuilder(tokenizer, *target.cfg.vision.grid)
-    draft = EagleDraft.from_pretrained(args.draft, target.decoder.embed_tokens, target.decoder.lm_head)
+    draft = EagleDraft.from_pretrained(args.draft, target.decoder)
     reference = copy.deepcopy(draft).eval()
     for p in reference.parameters():
         p.requires_grad_(False)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.draft).parent / "greedy_cache"
     train, val = greedy_splits(runtime, args.data, args.train_scenes, args.val_scenes, target, builder, cache_dir)
-    tail = [builder.cot_end_id, builder.ids["<|traj_future_start|>"]]
+    future_start = builder.ids["<|traj_future_start|>"]
 
-    optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    generator = torch.Generator().manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    parameters = draft.trainable_parameters()
+    optimiser = torch.optim.AdamW(parameters, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    generator = torch.Generator().manual_seed(args.seed + runtime.rank)
+    order = np.random.default_rng(args.seed).permutation(len(train))
     checkpoint = BestTauCheckpoint(target, val, args.val_scenes, args.out)
     if runtime.is_main:  # the SFT start competes too
         print(f"SFT start: val tau {checkpoint.check(draft, 0):.3f}")
-    curves = {"reward": [], "advantage std": [], "kl": [], "val tau": checkpoint.history}
+    curves = {"reward": [], "action MSE": [], "advantage std": [], "kl": [], "window positions": [],
+              "val tau": checkpoint.history}
     eval_every = max(args.updates // args.evals, 1)
-    started, update = time.time(), 0
+    started, update, cursor, skipped = time.time(), 0, 0, 0
     progress = tqdm(total=args.updates, desc="AARL", disable=not runtime.is_main)
-    order = rng.permutation(len(train))
-    cursor = 0
     while update < args.updates:
         index = int(order[(cursor * runtime.world_size + runtime.rank) % len(order)])  # each rank its own scenes
         cursor += 1
-        prompt, ids, valid, images = train.batch([index])
+        prompt, ids, _, images = train.batch([index])
         P, T = len(prompt), ids.shape[1]
-        features = target_features(target, prompt, ids, images, draft.cfg.feature_layers)
-        keys: list = []
-        hidden0, logits = step0_logits(draft, prompt, ids, features, lambda k, v: keys.append((k, v)) or (k, v))
+        features, _ = target_features(target, prompt, ids, images, draft.cfg.feature_layers)
+        logits = chain_logits(draft, prompt, ids, features, args.gamma)
         with torch.no_grad():
-            _, ref_logits = step0_logits(reference, prompt, ids, features)
-        # Index i predicts token i+2; the CoC's drafted tokens are P+1 .. T-1 (bases P-1 .. T-3).
-        bases = torch.arange(P - 1, T - 2)
-        truth = ids[0, bases + 2]
-        disagree = bases[(draft.proposal_logits(hidden0[:, bases])[0].argmax(-1) != truth)]
-        if len(disagree) == 0:
+            ref_logits = chain_logits(reference, prompt, ids, features, args.gamma)
+        coc = ids[0, P:]  # the target's CoC and its stop token
+        blocks = torch.arange(T - P - 1)
+        steps = torch.arange(args.gamma)[:, None]
+        predicted = blocks[None, :] + 1 + steps  # the CoC index chain step s of block b predicts
+        truth = torch.where(predicted < len(coc), coc[predicted.clamp(max=len(coc) - 1)], -1)
+        rejected = (draft.target_ids[logits.argmax(-1)] != truth) & (truth >= 0)
+        windows = select_windows(rejected, (len(coc) - 1 - blocks).clamp(max=args.gamma), args.window, args.budget)
+        if not windows:  # the draft already drafts this CoC perfectly
+            skipped += 1
             continue
-        base = int(disagree[rng.integers(len(disagree))])
-        length = min(REPLACED, T - 1 - (base + 2))  # never replace the stop token
-        if length <= 0:
-            continue
-        samples, log_prob = sample_chains(draft, prompt, hidden0, keys[0], base, args.samples, length, generator)
-        start = base + 2
-        original = ids[0, start : start + length]
-        rows = torch.cat([original[None], samples])
-        suffix_rest = ids[0, start + length : T - 1]  # the rest of the CoC, stop excluded
-        suffixes = torch.cat([rows, suffix_rest.expand(rows.shape[0], -1)], dim=1)
-        xy = trajectories_for(target, prompt, ids, images, start, suffixes, tail,
-                              float(train.table.arrays["speed"][index]), args.expert_steps, args.seed + update)
-        mse = ((xy[1:] - xy[:1]) ** 2).mean(dim=(1, 2))
-        match = (samples == original).float().mean(dim=1)
-        reward = -mse + args.match_weight * match
-        if args.meta_action_weight:
-            wanted = decision_from_coc(tokenizer.decode(ids[0, P:T - 1].tolist()))
-            same = [decision_from_coc(tokenizer.decode(s.tolist())) == wanted for s in suffixes[1:]]
-            reward = reward + args.meta_action_weight * torch.tensor(same, dtype=torch.float)
-        advantage = reward - reward.mean()
-        policy_loss = -(advantage.detach() * log_prob).mean()
-        anchored = bases[ref_logits[0, bases].argmax(-1) == truth]
-        log_p = F.log_softmax(logits[0, anchored].float(), -1)
-        log_ref = F.log_softmax(ref_logits[0, anchored].float(), -1)
-        kl = (log_p.exp() * (log_p - log_ref)).sum(-1).mean() if len(anchored) else torch.zeros(())
-        loss = policy_loss + args.kl_weight * kl
+        action_generator = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (), generator=generator)))
+        tail = torch.tensor([future_start])
+        reference_action = actions_for(target, prompt, ids, images, T, tail[None], args.expert_steps, action_generator)
+        losses, rewards, mses, kls = [], [], [], []
+        for b, first, take in windows:
+            tokens, log_prob, kl = block_loss(logits, ref_logits, truth, b, first, take, draft, args.samples, generator)
+            start = P + b + 1 + first  # sequence index of the window's first token
+            rest = ids[0, start + take :]
+            suffixes = torch.cat([tokens, rest.expand(args.samples, -1), tail.expand(args.samples, 1)], dim=1)
+            actions = actions_for(target, prompt, ids, images, start, suffixes, args.expert_steps, action_generator)
+            mse = ((actions - reference_action) ** 2).mean(dim=(1, 2))
+            match = (tokens == ids[0, start : start + take]).float().mean(dim=1)
+            reward = -mse + args.match_weight * match
+            advantage = reward - reward.mean()
+            losses.append(-(advantage * log_prob).mean() + args.kl_weight * kl)
+            rewards.append(reward)
+            mses.append(mse)
+            kls.append(float(kl))
+        loss = torch.stack(losses).mean()
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(draft, runtime)  # every rank then takes the same step
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
         optimiser.step()
-        curves["reward"].append((update, float(reward.mean())))
-        curves["advantage std"].append((update, float(advantage.std())))
-        curves["kl"].append((update, float(kl)))
         update += 1
+        rewards_all = torch.cat(rewards)
+        curves["reward"].append((update, float(rewards_all.mean())))
+        curves["action MSE"].append((update, float(torch.cat(mses).mean())))
+        curves["advantage std"].append((update, float(torch.stack([r - r.mean() for r in rewards]).std())))
+        curves["kl"].append((update, float(np.mean(kls))))
+        curves["window positions"].append((update, sum(take for _, _, take in windows)))
         progress.update(1)
-        progress.set_postfix(reward=f"{float(reward.mean()):.3f}", kl=f"{float(kl):.4f}")
+        progress.set_postfix(reward=f"{float(rewards_all.mean()):.3f}", blocks=len(windows))
         if runtime.is_main and (update % eval_every == 0 or update == args.updates):
             best = checkpoint.best
             tau = checkpoint.check(draft, update)
@@ -214,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     if runtime.is_main:
         save_curves(Path(args.out) / "aarl_curves", curves, "AARL")
         summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best,
-                   "sft_val_tau": curves["val tau"][0][1], "processes": runtime.world_size, "args": vars(args)}
+                   "sft_val_tau": curves["val tau"][0][1], "scenes_without_rejection": skipped,
+                   "processes": runtime.world_size, "args": vars(args)}
         (Path(args.out) / "aarl_summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary))
     shutdown_runtime(runtime)

@@ -1,11 +1,14 @@
-"""Train the routine reasoner (EAGLE-3 draft) on the target's own greedy CoCs.
+"""Train the routine reasoner (EAGLE-3 draft) on the target's own greedy CoCs, as the paper's
+authors' `train_eagle3.py` does.
 
 Training-time test (EAGLE-3): step 0 reads the target's fused features at every index; steps
-1..6 re-run the draft at the same CoC base indices feeding its own previous hidden state as
-the feature, exactly as chained drafting does at inference. A query at step s, base i attends
-to the step-0 entries 0..i and to its own chain entries of steps 1..s, and predicts the token
-2 + s after i. Losses are weighted 0.8^s. The checkpoint with the best validation tau (mean
-accepted length, measured with the real draft-verify loop) is kept.
+1..6 re-run the draft at the same base indices feeding its own previous hidden state as the
+feature, exactly as chained drafting does at inference. A query at step s, base i attends to the
+step-0 entries 0..i and to its own chain entries of steps 1..s, and predicts the token 2 + s
+after i. Each step's loss is the cross-entropy to the target's distribution there (soft labels,
+over the draft vocabulary), weighted 0.8^s; chains rooted inside the prompt count from the step
+whose input is an answer token. The checkpoint with the best validation tau (mean accepted
+length, measured with the real draft-verify loop at k = 7) is kept.
 
     chain-spec-train-draft --data DATA --target models/target --out models/draft [--position-mode flat|mrope]
 """
@@ -85,25 +88,29 @@ def draft_vocabulary(answers: list[list[int]]) -> list[int]:
 
 
 @torch.no_grad()
-def target_features(target: TargetVLA, prompt, ids: torch.Tensor, images: torch.Tensor, layers: list[int]):
-    """The target's hidden states of the feature layers over prompt + answer (teacher forced)."""
+def target_features(target: TargetVLA, prompt, ids: torch.Tensor, images: torch.Tensor, layers: list[int]
+                    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The target's hidden states of the feature layers over prompt + answer (teacher forced),
+    and its logits at the answer's indices P .. T-1 [B, T-P, V] (index j predicts token j+1)."""
     P = len(prompt)
     positions = torch.cat([prompt.mrope_positions, prompt.positions(P, ids.shape[1] - P, "mrope")], dim=1)
-    _, hidden = target.prefill(ids, target.encode_images(images), positions, None, return_hidden_layers=layers,
-                               num_logits=1)
-    return hidden
+    logits, hidden = target.prefill(ids, target.encode_images(images), positions, None, return_hidden_layers=layers,
+                                    num_logits=ids.shape[1] - P)
+    return hidden, logits
 
 
-def ttt_rollout(draft: EagleDraft, prompt, ids: torch.Tensor, features: list[torch.Tensor],
-                steps: int = TTT_STEPS) -> list[torch.Tensor]:
-    """Draft hidden states [B, nb, D] at every CoC base index (P-1 .. T-2), one per rollout step.
+def chain_rollout(draft: EagleDraft, prompt, ids: torch.Tensor, features: list[torch.Tensor], steps: int,
+                  first_base: int, greedy: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The draft's chains rooted at every base index i = first_base .. T-2, all in one pass per
+    chain step: hidden states [B, nb, D] per step, and the tokens [B, nb] each step read.
 
     Step s at base i is what chained drafting computes for the (s+1)-th draft after index i:
-    input (token i+1+s, the step s-1 hidden state), position i + s, attending to the step-0
-    entries 0..i and to the chain entries of steps 1..s at base i.
+    input (token, the step s-1 hidden state), position i + s, attending to the step-0 entries
+    0..i and to the chain entries of steps 1..s at base i (EAGLE-3's training-time test). The
+    token is the sequence's i+1+s (teacher forcing: training) or, with greedy, the draft's own
+    choice of step s-1 (what deployment feeds; AARL probes and samples along it).
     """
     B, T = ids.shape
-    P = len(prompt)
     mode = draft.cfg.position_mode
     n0 = T - 1  # step-0 indices 0..T-2: input (token i+1, feature i)
     step0_keys: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -116,7 +123,7 @@ def ttt_rollout(draft: EagleDraft, prompt, ids: torch.Tensor, features: list[tor
     hidden = draft(ids[:, 1:], draft.fuse_features(features)[:, :n0], positions, kv_hook=remember,
                    mask=causal_mask(n0, 0))
     k0, v0 = step0_keys[0]
-    bases = torch.arange(P - 1, n0)
+    bases = torch.arange(first_base, n0)
     nb = len(bases)
     padded = F.pad(ids, (0, steps + 2))
     step0_mask = torch.arange(n0)[None, :] <= bases[:, None]  # [nb, n0]
@@ -127,29 +134,44 @@ def ttt_rollout(draft: EagleDraft, prompt, ids: torch.Tensor, features: list[tor
         return (torch.cat([k0] + [ck for ck, _ in chain_keys], dim=2),
                 torch.cat([v0] + [cv for _, cv in chain_keys], dim=2))
 
-    rollout = [hidden[:, P - 1 :]]
+    rollout, tokens = [hidden[:, first_base:]], [ids[:, first_base + 1 : first_base + 1 + nb]]
     for s in range(1, steps):
         mask = torch.cat([step0_mask] + [torch.eye(nb, dtype=torch.bool)] * s, dim=1)
-        tokens = padded[:, P + s : P + s + nb]  # token i+1+s for base i
-        positions = prompt.positions(P - 1 + s, nb, mode)[:, None].expand(3, B, nb)
-        rollout.append(draft(tokens, rollout[-1], positions, kv_hook=extend, mask=mask))
-    return rollout
+        if greedy:
+            token = draft.target_ids[draft.logits(rollout[-1]).argmax(-1)]
+        else:
+            token = padded[:, first_base + 1 + s : first_base + 1 + s + nb]  # token i+1+s for base i
+        positions = prompt.positions(first_base + s, nb, mode)[:, None].expand(3, B, nb)
+        rollout.append(draft(token, rollout[-1], positions, kv_hook=extend, mask=mask))
+        tokens.append(token)
+    return rollout, tokens
 
 
 def ttt_loss(draft: EagleDraft, prompt, ids: torch.Tensor, valid: torch.Tensor, features: list[torch.Tensor],
-             steps: int = TTT_STEPS) -> tuple[torch.Tensor, list[float]]:
-    """Rollout loss (weights 0.8^s) and per-step accuracy on the CoC labels."""
+             target_logits: torch.Tensor, steps: int = TTT_STEPS) -> tuple[torch.Tensor, list[float]]:
+    """EAGLE-3's soft-label training-time test: sum over steps s of 0.8^s x the cross-entropy of
+    the draft's distribution to the target's (restricted to the draft vocabulary and
+    renormalised), pooled over every (base, step) whose predicted token is an answer token. Chains
+    start inside the prompt too (bases P-steps ..), as the authors train them: a chain rooted
+    before the answer counts from the step whose input is the first answer token. Returns the
+    loss and per-step accuracy (draft argmax == target argmax)."""
     P = len(prompt)
-    padded = F.pad(ids, (0, steps + 2))
+    first_base = max(P - steps, 0)
     padded_valid = F.pad(valid, (0, steps + 2))
+    teacher = F.pad(target_logits, (0, 0, 0, steps + 2))  # index j - P holds the target's logits at index j
     total, accuracies = 0.0, []
-    for s, hidden in enumerate(ttt_rollout(draft, prompt, ids, features, steps)):
+    rollout, _ = chain_rollout(draft, prompt, ids, features, steps, first_base)
+    for s, hidden in enumerate(rollout):
         nb = hidden.shape[1]
-        labels = padded[:, P + 1 + s : P + 1 + s + nb]  # token i+2+s for base i
-        keep = padded_valid[:, P + 1 + s : P + 1 + s + nb]
-        logits = draft.logits(hidden)[keep]
-        total = total + STEP_DECAY**s * F.cross_entropy(logits, labels[keep])
-        accuracies.append(float((logits.argmax(-1) == labels[keep]).float().mean()))
+        inputs = torch.arange(first_base + 1 + s, first_base + 1 + s + nb)  # input token index i+1+s
+        keep = (inputs >= P)[None, :] & padded_valid[:, first_base + 2 + s : first_base + 2 + s + nb]
+        if not keep.any():
+            continue
+        rows = teacher[:, (inputs - P).clamp_min(0)][keep]  # the target's logits at i+1+s, predicting i+2+s
+        target_p = F.softmax(rows.float()[:, draft.target_ids], dim=-1)
+        log_q = F.log_softmax(draft.logits(hidden[keep]).float(), dim=-1)
+        total = total + STEP_DECAY**s * -(target_p * log_q).sum(-1).mean()
+        accuracies.append(float((draft.target_ids[log_q.argmax(-1)] == rows.argmax(-1)).float().mean()))
     return total, accuracies
 
 
@@ -192,17 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", help="defaults to tokenizer.json beside the target directory")
     parser.add_argument("--out", required=True)
     parser.add_argument("--position-mode", choices=("flat", "mrope"), default="flat")
+    parser.add_argument("--rope-theta", type=float, help="the draft's rotary base (default: the target's)")
+    parser.add_argument("--init", help="continue from this draft (its vocabulary, positions and rotary kept)")
     parser.add_argument("--train-scenes", type=int, default=5000)
     parser.add_argument("--val-scenes", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--evals", type=int, default=5, help="validation-tau checkpoints during training")
     parser.add_argument("--cache-dir", help="where greedy target outputs are cached (default: OUT/../greedy_cache)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vocab-only", action="store_true",
-                        help="only write the draft vocabulary of the training scenes (as many as SFT used) into the "
-                             "config of the draft in OUT; re-export its ONNX graphs afterwards")
     args = parser.parse_args(argv)
 
     runtime = setup_runtime(args.seed)
@@ -214,35 +235,28 @@ def main(argv: list[str] | None = None) -> int:
     builder = PromptBuilder(tokenizer, *target.cfg.vision.grid)
     cache_dir = Path(args.cache_dir) if args.cache_dir else Path(args.out).parent / "greedy_cache"
     train, val = greedy_splits(runtime, args.data, args.train_scenes, args.val_scenes, target, builder, cache_dir)
-    vocab = draft_vocabulary(train.answers)
-    if args.vocab_only:
-        config = DraftConfig.load(Path(args.out) / "config.json")
-        config.vocab = vocab
-        if runtime.is_main:
-            config.save(Path(args.out) / "config.json")
-            print(f"draft vocabulary: {len(vocab)} of {target.cfg.decoder.vocab_size} tokens -> {args.out}/config.json; "
-                  f"re-export: chain-spec-export --models MODELS --draft {args.out}")
-        shutdown_runtime(runtime)
-        return 0
-
-    config = DraftConfig.for_target(target.cfg.decoder, args.position_mode)
-    config.vocab = vocab
-    draft = EagleDraft(config, target.decoder.embed_tokens, target.decoder.lm_head).to(runtime.device)
+    if args.init:
+        draft = EagleDraft.from_pretrained(args.init, target.decoder).to(runtime.device).train()
+    else:
+        config = DraftConfig.for_target(target.cfg.decoder, draft_vocabulary(train.answers), args.position_mode)
+        config.rope_theta = args.rope_theta or config.rope_theta
+        draft = EagleDraft(config, target.decoder.embed_tokens).to(runtime.device)
+        draft.init_head_from(target.decoder.lm_head)
     wrapped = runtime.wrap(_TTTObjective(draft, target))
-    optimiser = torch.optim.AdamW(draft.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    optimiser = torch.optim.AdamW(draft.trainable_parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     checkpoint = BestTauCheckpoint(target, val, args.val_scenes, args.out)
     curves = {"ttt loss": [], "step-0 accuracy": [], "step-6 accuracy": [], "val tau": checkpoint.history}
     started = time.time()
     eval_every = max(args.steps // args.evals, 1)
     progress = tqdm(rank_batches(len(train), args.batch_size, args.steps, args.seed, runtime), total=args.steps,
-                    desc=f"draft SFT ({args.position_mode})", disable=not runtime.is_main)
+                    desc=f"draft SFT ({draft.cfg.position_mode})", disable=not runtime.is_main)
     for step, indices in enumerate(progress):
         for group in optimiser.param_groups:
             group["lr"] = cosine_lr(step, args.steps, args.lr)
         loss, accuracies = wrapped(*train.batch(list(indices)))
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(draft.trainable_parameters(), 1.0)
         optimiser.step()
         curves["ttt loss"].append((step, float(loss.detach())))
         curves["step-0 accuracy"].append((step, accuracies[0]))
@@ -252,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             tau = checkpoint.check(draft, step)
             progress.write(f"step {step + 1}: val tau {tau:.3f}")
     if runtime.is_main:
-        save_curves(Path(args.out) / "training_curves", curves, f"draft SFT ({args.position_mode})")
+        save_curves(Path(args.out) / "training_curves", curves, f"draft SFT ({draft.cfg.position_mode})")
         summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best,
                    "processes": runtime.world_size, "args": vars(args)}
         (Path(args.out) / "training_summary.json").write_text(json.dumps(summary, indent=1))
@@ -273,8 +287,8 @@ class _TTTObjective(nn.Module):
         # The frozen target runs in bf16 autocast (twice as fast on CPU); the draft learns in fp32
         # and meets fp32 features at inference, a difference well below its own error.
         with torch.autocast(ids.device.type, dtype=torch.bfloat16):
-            features = target_features(self._target[0], prompt, ids, images, self.draft.cfg.feature_layers)
-        return ttt_loss(self.draft, prompt, ids, valid, [f.float() for f in features])
+            features, logits = target_features(self._target[0], prompt, ids, images, self.draft.cfg.feature_layers)
+        return ttt_loss(self.draft, prompt, ids, valid, [f.float() for f in features], logits.float())
 
 
 if __name__ == "__main__":
