@@ -196,6 +196,7 @@ def load_planner(models: Path, backend: str = "auto", drafter: str = "auto", dra
     """
     from .drafters import EagleDrafter
     from .engines.factory import build_engines
+    from .models.checkpoint import CheckpointError, load_target_config
     from .models.tokenizer import ChainTokenizer
 
     models = Path(models).expanduser()
@@ -208,10 +209,14 @@ def load_planner(models: Path, backend: str = "auto", drafter: str = "auto", dra
         raise ModelLoadError(f"unknown drafter {drafter!r} (eagle, none or auto)")
     try:
         tokenizer = ChainTokenizer.load(models / "tokenizer.json")
-        target, draft_engine = build_engines(models, backend, draft if drafter == "eagle" else None, threads=threads)
-        if tokenizer.vocab_size != target.config.decoder.vocab_size:
+        try:  # checked before the engines are built: an ONNX export of the wrong model can take minutes
+            expected = load_target_config(models / "target").decoder.vocab_size
+        except CheckpointError:
+            expected = None  # build_engines names what is wrong with the target
+        if expected is not None and tokenizer.vocab_size != expected:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the target expects "
-                             f"{target.config.decoder.vocab_size}: model and tokenizer do not belong together")
+                             f"{expected}: model and tokenizer do not belong together")
+        target, draft_engine = build_engines(models, backend, draft if drafter == "eagle" else None, threads=threads)
         builder = PromptBuilder(tokenizer, *target.config.vision.grid)
         chosen = EagleDrafter(draft_engine, stop_id=builder.cot_end_id) if drafter == "eagle" else None
         planner = Planner(target, builder, drafter=chosen, k=k, expert_steps=expert_steps)
