@@ -190,13 +190,12 @@ def load_eagle3(directory: str | Path, target: Decoder, position_mode: str | Non
     if "t2d" in state and not torch.equal(state["t2d"].bool(), draft.t2d):
         raise DraftFormatError(f"{directory}: t2d does not mark the ids d2t maps to")
     state["t2d"] = draft.t2d
-    expected = {k for k in draft.state_dict() if not k.startswith("embed_tokens.")}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    own = {k: v for k, v in draft.state_dict().items() if not k.startswith("embed_tokens.")}
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise DraftFormatError(f"{directory}: missing weights {missing}, unexpected weights {unexpected}")
     for key, value in state.items():
-        if value.shape != draft.state_dict()[key].shape:
-            raise DraftFormatError(f"{directory}: {key} has shape {tuple(value.shape)}, expected "
-                                   f"{tuple(draft.state_dict()[key].shape)}")
-    draft.load_state_dict({k: v.to(draft.state_dict()[k].dtype) for k, v in state.items()}, strict=False)
+        if value.shape != own[key].shape:
+            raise DraftFormatError(f"{directory}: {key} has shape {tuple(value.shape)}, expected {tuple(own[key].shape)}")
+    draft.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     return draft.to(target.embed_tokens.weight.device)
