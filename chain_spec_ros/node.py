@@ -1,18 +1,17 @@
-"""`chain_spec_node`: the planner as a ROS 2 node. Wiring only: subscriptions feed
-`sensing.SensorInputs` (guards, conversion) and `SensorBuffers` (time alignment), a timer hands
-each assembled `SensorFrame` to the planning worker, `outputs` builds what is published.
+"""`chain_spec_node`: the planner as a ROS 2 node. Wiring only: subscriptions feed `sensing.SensorInputs` (guards,
+conversion) and `SensorBuffers` (time alignment), a timer hands each assembled `SensorFrame` to the planning
+worker, `outputs` builds what is published.
 
     chain_spec_node --ros-args --params-file config/chain_spec.yaml [-p plan_rate_hz:=5.0 ...]
 
-Inputs arrive serialized and are decimated by header stamp before deserialisation; /diagnostics
-runs on the steady clock (it reports when /clock is silent). A start-up problem (parameters,
-models, the self-test plan) exits 2 with one clear line; after start-up nothing stops the node;
-SIGINT / SIGTERM exit 0 in every phase. docs/ARCHITECTURE.md has the whole picture.
+Inputs arrive serialized and are decimated by header stamp before deserialisation; /diagnostics runs on the
+steady clock (it reports when /clock is silent). A start-up problem (parameters, models, the self-test plan)
+exits 2 with one clear line; after start-up nothing stops the node; SIGINT / SIGTERM exit 0 in every phase.
+docs/ARCHITECTURE.md has the whole picture.
 """
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import threading
 import time
@@ -32,7 +31,8 @@ from .constants import NS
 from .node_config import FIELDS, NODE_NAME, ConfigError, NodeConfig, sensing_config, validate_update
 from .planner import ImplausiblePlan, ModelLoadError, check_plan, load_configured_planner, self_test
 from .sensing import ImageLimits, SensorBuffers, SensorInputs
-from .worker import BusyMeter, ClockWatch, LatencyWindow, PlanWorker, RateCounter, RateLimitedLog, TickStats
+from .worker import (BusyMeter, ClockWatch, LatencyWindow, PlanWorker, RateCounter, RateLimitedLog, TickStats,
+                     on_stop_signals)
 
 SILENT_CLOCK_S = 3.0  # use_sim_time with /clock silent this long: planning is paused, say so
 
@@ -51,8 +51,11 @@ class ChainSpecNode(Node):
             torch.set_num_threads(cfg.torch_threads)
             self.planner, self.models_dir = planner_loader(cfg)
             warm_ms = self_test(self.planner, len(cfg.cameras), cfg.max_speed_mps)
-        except (ConfigError, ModelLoadError) as error:
-            raise StartupError(str(error)) from None
+        except BaseException as error:  # destroyed now, before the context shuts down, not when the GC gets to it
+            self.destroy_node()
+            if isinstance(error, (ConfigError, ModelLoadError)):
+                raise StartupError(str(error)) from None
+            raise
         self._draft = self.planner.drafter  # kept while drafting is switched off at runtime
         vision = self.planner.target.config.vision
         self.width, self.height = vision.image_width, vision.image_height
@@ -100,8 +103,7 @@ class ChainSpecNode(Node):
 
     def _apply(self, cfg: NodeConfig) -> None:
         """Make a (validated) configuration take effect: timers, planner, guards."""
-        previous, self.config = self.config, cfg
-        planner = self.planner
+        (previous, self.config), planner = (self.config, cfg), self.planner
         planner.k, planner.expert_steps, planner.seed = cfg.draft_k, cfg.expert_steps or None, cfg.seed
         planner.sampling = planner.sampling_for(cfg.decoding, cfg.temperature, cfg.top_p)
         planner.num_traj_samples = cfg.num_traj_samples
@@ -264,10 +266,9 @@ class ChainSpecNode(Node):
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Our own SIGINT/SIGTERM handling: the main thread unwinds from wherever it is (loading the
-    # models, spinning), so every phase exits promptly and cleanly.
-    for number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(number, signal.default_int_handler)  # raises KeyboardInterrupt
+    # SIGINT/SIGTERM: KeyboardInterrupt while loading, a flag once spinning (why: `on_stop_signals`).
+    stop = threading.Event()
+    on_stop_signals()
     node, code = None, 0
     try:
         try:
@@ -275,9 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - e.g. an unreadable --params-file
             raise StartupError(f"invalid ROS arguments: {error}") from None
         node = ChainSpecNode()
+        on_stop_signals(lambda *_: stop.set())
         executor = EventsExecutor()  # per-message cost in C++, not a wait set rebuilt in Python
         executor.add_node(node)
-        while rclpy.ok():
+        while rclpy.ok() and not stop.is_set():
             executor.spin_once(timeout_sec=0.2)
     except StartupError as error:
         print(f"chain_spec_node: error: {error}", file=sys.stderr, flush=True)

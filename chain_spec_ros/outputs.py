@@ -91,6 +91,7 @@ def plan_info(frame: SensorFrame, result: PlanResult, token_texts: list[str], **
         "stats": result.stats, "speed": frame.speed, "pose": list(frame.pose), "camera_skew_s": frame.camera_skew_s,
         "odom_lag_s": frame.odom_lag_s, "input_age_s": frame.input_age_s,
         "frame_stamps_ns": frame.frame_stamps_ns.tolist(),
+        "controls": np.asarray(result.controls, dtype=np.float64).tolist(),  # what a controller can follow
         "trajectory_samples_xy": None if result.samples_xy is None else np.round(result.samples_xy, 3).tolist(),
         **extra,
     }

@@ -1,8 +1,10 @@
 """The node's plain-Python machinery: the planning worker, latency windows, tick counters, the
-executor-load meter and a rate-limited log with bounded state. No ROS imports; unit-tested.
+executor-load meter, a rate-limited log with bounded state and the stop signals. No ROS imports;
+unit-tested.
 """
 from __future__ import annotations
 
+import signal
 import threading
 import time
 import traceback
@@ -13,6 +15,17 @@ from typing import Any, Callable
 import numpy as np
 
 from .constants import PERCENTILES
+
+
+def on_stop_signals(handler=signal.default_int_handler) -> None:
+    """Route SIGINT and SIGTERM to `handler` (by default: raise KeyboardInterrupt in the main thread).
+
+    The node raises while it loads (the main thread unwinds from wherever it is) and only sets a
+    flag once it spins: a KeyboardInterrupt raised inside a callback's native code (message
+    deserialisation) came back from pybind11 as a TypeError, the callback's guard caught it, and
+    the node never exited."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, handler)
 
 
 class LatencyWindow:

@@ -112,7 +112,7 @@ def test_yaw_takes_the_shortest_arc():
 
 def test_extrapolates_slightly_stale_odometry():
     buffers = _buffers()
-    last = _fill(buffers, odom_until=2.4)  # newest odometry 0.1 s before t0
+    _fill(buffers, odom_until=2.4)  # newest odometry 0.1 s before t0
     frame, reason = buffers.assemble()
     assert reason == ""
     assert frame.odom_lag_s == pytest.approx(0.1, abs=1e-6)

@@ -175,8 +175,8 @@ def test_command_writes_the_table_json_and_pictures(tmp_path, capsys):
 
     models = write_tiny_models(tmp_path / "models", draft=True)
     out = tmp_path / "sim.json"
-    code = main(["--models", str(models), "--episodes", "2", "--events", "keep_lane,yield", "--duration", "1",
-                 "--modes", "greedy,spec-greedy,euler1,coc4", "--k", "3", "--json", str(out),
+    code = main(["--models", str(models), "--backend", "torch", "--episodes", "2", "--events", "keep_lane,yield",
+                 "--duration", "1", "--modes", "greedy,spec-greedy,euler1,coc4", "--k", "3", "--json", str(out),
                  "--png-dir", str(tmp_path / "png")])
     assert code == 0
     table = capsys.readouterr().out
@@ -188,3 +188,39 @@ def test_command_writes_the_table_json_and_pictures(tmp_path, capsys):
     digests = {mode: [m["digest"] for m in rows] for mode, rows in report["episodes"].items()}
     assert digests["greedy"] == digests["spec-greedy"] and digests["greedy"] != digests["coc4"]
     assert len(list((tmp_path / "png").glob("*.png"))) == 8
+
+
+def test_through_ros_the_node_drives_and_sees_what_the_planner_sees_in_process(tmp_path):
+    """`chain-spec-sim --ros`: the real chain_spec_node in its own process, over DDS on a private
+    domain, drives an episode. Its plans start at camera instants, from the simulator's own pose
+    (time alignment), reach the simulator after their t0 (latency costs simulated time), and
+    the first one is the very plan the planner makes in process from the same log: same CoC,
+    same trajectory (the node received exactly the frames and the history the simulator had)."""
+    pytest.importorskip("rclpy", reason="the ROS 2 wheels (rclpy) are not installed")
+    import os
+
+    from chain_spec_ros.scenarios.render import DEFAULT_CAMERAS, Renderer
+    from chain_spec_ros.sim.episode import _plan_tick
+    from chain_spec_ros.sim.ros_link import RosDriver
+
+    models = default_models_dir()
+    config = EpisodeConfig(duration_s=2.0)
+    parameters = {"backend": "torch", "torch_threads": 1, "drafter": "none"}
+    with RosDriver(models, list(DEFAULT_CAMERAS), config, parameters, domain=1 + (os.getpid() * 13) % 101,
+                   realtime_factor=0.5, log_dir=tmp_path) as driver, driver.mode(parse_mode("greedy")) as drive:
+        episode = drive(0, "keep_distance")
+    assert episode.plans and episode.t[episode.start_index] >= config.start_s
+    for plan in episode.plans:
+        assert plan.pose_error_m < 1e-6, "the node's pose at t0 is not the simulator's"
+        assert abs(plan.t * 10 - round(plan.t * 10)) < 1e-6, f"t0 {plan.t} is not a camera instant"
+        assert plan.received_t > plan.t
+    assert not np.array_equal(episode.x[episode.start_index:], episode.reference.x[episode.start_index:])
+
+    planner = load_planner(models, "torch", "none")
+    log = {k: getattr(episode, k) for k in ("x", "y", "yaw", "v", "s")}
+    first = episode.plans[0]
+    vision = planner.target.config.vision
+    local = _plan_tick(planner, episode.world, Renderer(DEFAULT_CAMERAS, vision.image_width, vision.image_height),
+                       log, int(round(first.t / SIM_DT)), seed=0, tick=0)  # plan_seed(0, 0) = 0, the node's seed
+    assert first.coc_ids == local.coc_ids, (first.coc, local.coc)
+    np.testing.assert_allclose(first.trajectory_xy, local.trajectory_xy, atol=1e-5)

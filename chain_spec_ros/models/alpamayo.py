@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 
 from .config import ExpertConfig, TargetConfig
 from .hf_format import (QWEN3_VL_PREFIXES, SAFETENSORS, CheckpointError, preprocessor_config, qwen3vl_config,
-                        qwen3vl_configs, read_json, read_safetensors, rename, require)
+                        qwen3vl_configs, read_json, read_safetensors, require)
 
 # (ours, theirs), most specific first.
 EXPERT_PREFIXES = (("expert.action_in_proj.", "action_in_proj."), ("expert.action_out_proj.", "action_out_proj."),

@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from .config import DecoderConfig, VisionConfig

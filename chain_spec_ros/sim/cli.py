@@ -2,6 +2,7 @@
 
     chain-spec-sim --episodes 16 --json sim.json --png-dir sim_png
     chain-spec-sim --episodes 4 --modes greedy,spec-greedy --duration 10 --events red_light,yield
+    chain-spec-sim --ros --episodes 2 --modes spec-greedy --realtime-factor 0.5   # through chain_spec_node
 
 Episode n drives event `events[n % len(events)]` (all 16 event types by default) with seed
 `seed * 1000 + n`, the same in every mode. After the run, every speculative greedy mode is
@@ -9,6 +10,10 @@ checked against its target-only twin (states and plans bit for bit): a differenc
 (exit status 1, the first difference named). Speculative sampling is compared with target-only
 sampling by their score distributions (two-sample Kolmogorov-Smirnov), lossy shortcuts with
 greedy by how many episodes they change and by how much the score moves.
+
+With `--ros` the planner is the real chain_spec_node in its own process, one per mode, over DDS
+(`ros_link`): latency then costs simulated time, so twins are compared by their score
+distributions, not bit for bit. `--attach` drives a node that is already running instead.
 """
 from __future__ import annotations
 
@@ -16,15 +21,18 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
 from ..constants import DEFAULT_K
 from ..scenarios.events import BUILDERS
-from .episode import DEFAULT_DURATION_S, DEFAULT_PLAN_RATE_HZ, Episode, EpisodeConfig, run_episode, scripted_episode
+from .episode import (DEFAULT_DURATION_S, DEFAULT_PLAN_RATE_HZ, ClosedLoopError, Episode, EpisodeConfig, run_episode,
+                      scripted_episode)
 from .metrics import aggregate, episode_metrics
 from .modes import DEFAULT_MODES, Mode, configure, parse_modes
 
@@ -78,22 +86,25 @@ def path_divergence(a: Episode, b: Episode) -> float:
     return float(np.hypot(a.x - b.x, a.y - b.y).max())
 
 
-def compare_modes(modes: list[Mode], runs: dict[str, list[Episode]], rows: dict[str, list[dict]]) -> dict:
-    """Losslessness, distribution and lossy-shortcut comparisons between the modes run."""
+def compare_modes(modes: list[Mode], runs: dict[str, list[Episode]], rows: dict[str, list[dict]],
+                  exact: bool = True) -> dict:
+    """Losslessness, distribution and lossy-shortcut comparisons between the modes run. Not
+    `exact` (through ROS, where arrival times differ): twins compared by distribution only."""
     names = {m.name for m in modes}
     comparisons = {}
     for mode in modes:
-        if mode.lossless_twin in names:
+        twin = mode.lossless_twin or mode.sampled_twin
+        if exact and mode.lossless_twin in names:
             pairs = list(zip(runs[mode.name], runs[mode.lossless_twin]))
             different = [(a.seed, a.event, a.first_difference(b)) for a, b in pairs if not a.same_driving(b)]
             comparisons[f"{mode.name} == {mode.lossless_twin}"] = {
                 "kind": "bit-identical", "identical": len(pairs) - len(different), "episodes": len(pairs),
                 "differences": [{"seed": s, "event": e, "first": f} for s, e, f in different]}
-        elif mode.sampled_twin in names:
-            d, p = ks_two_sample([m["score"] for m in rows[mode.name]], [m["score"] for m in rows[mode.sampled_twin]])
-            comparisons[f"{mode.name} ~ {mode.sampled_twin}"] = {
+        elif twin in names:
+            d, p = ks_two_sample([m["score"] for m in rows[mode.name]], [m["score"] for m in rows[twin]])
+            comparisons[f"{mode.name} ~ {twin}"] = {
                 "kind": "same distribution", "ks_d": d, "ks_p": p,
-                "score_mean": [aggregate(rows[mode.name])["score"], aggregate(rows[mode.sampled_twin])["score"]]}
+                "score_mean": [aggregate(rows[mode.name])["score"], aggregate(rows[twin])["score"]]}
         elif mode.lossy and "greedy" in names:
             pairs = list(zip(runs[mode.name], runs["greedy"]))
             scores = [(a["score"], b["score"]) for a, b in zip(rows[mode.name], rows["greedy"])]
@@ -128,62 +139,119 @@ def summary_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+class InProcessDriver:
+    """Episodes driven by the planner loaded in this process, reconfigured per mode."""
+
+    def __init__(self, models: Path, args: argparse.Namespace, modes: list[Mode], config: EpisodeConfig):
+        from ..planner import load_planner
+
+        speculative = any(m.speculative for m in modes)
+        self.planner = load_planner(models, args.backend, "eagle" if speculative else "none", args.draft, k=args.k,
+                                    threads=args.threads)
+        self.drafter, self.config = self.planner.drafter, config
+
+    def __enter__(self) -> "InProcessDriver":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    @contextmanager
+    def mode(self, mode: Mode):
+        configure(self.planner, mode, self.drafter)
+        yield lambda seed, event: run_episode(self.planner, seed, event, self.config)
+
+
+def ros_driver(models: Path, args: argparse.Namespace, config: EpisodeConfig):
+    from ..scenarios.render import DEFAULT_CAMERAS
+    from .ros_link import RosDriver
+
+    if args.attach and args.ros_domain is None:
+        args.ros_domain = int(os.environ.get("ROS_DOMAIN_ID", "0"))
+    domain = args.ros_domain if args.ros_domain is not None else 1 + os.getpid() % 101
+    parameters = {"backend": args.backend, "draft_k": args.k, "torch_threads": args.threads or 2}
+    if args.draft:
+        parameters["draft_dir"] = args.draft
+    return RosDriver(models, list(DEFAULT_CAMERAS), config, parameters, domain, args.realtime_factor,
+                     launch=not args.attach, log_dir=Path(args.json).parent if args.json else None)
+
+
 def run(args: argparse.Namespace) -> dict:
     import torch
 
     from ..paths import default_models_dir
-    from ..planner import load_planner
 
     modes = parse_modes(args.modes)
     events = list(BUILDERS) if args.events == "all" else [e.strip() for e in args.events.split(",") if e.strip()]
     unknown = [e for e in events if e not in BUILDERS]
     if unknown:
         raise ValueError(f"unknown event(s) {unknown}; known: {', '.join(BUILDERS)}")
+    if args.attach and not args.ros:
+        raise ValueError("--attach drives a running chain_spec_node: it needs --ros")
+    if args.attach and len([m for m in modes if not m.scripted]) > 1:
+        raise ValueError("--attach drives the node as it is configured: give one planner mode")
+    if args.ros:
+        for mode in modes:
+            if not mode.scripted:
+                mode.node_parameters()  # a mode the node cannot plan as fails now, not after an hour
     if args.threads:
         torch.set_num_threads(args.threads)
     models = Path(args.models) if args.models else default_models_dir()
-    speculative = any(m.speculative for m in modes)
-    planner = load_planner(models, args.backend, "eagle" if speculative else "none", args.draft, k=args.k,
-                           threads=args.threads)
-    drafter = planner.drafter
     config = EpisodeConfig(duration_s=args.duration, plan_rate_hz=args.plan_rate)
     episodes = episode_list(args.episodes, events, args.seed)
     runs: dict[str, list[Episode]] = {m.name: [] for m in modes}
     rows: dict[str, list[dict]] = {m.name: [] for m in modes}
     started = time.perf_counter()
-    for n, (seed, event) in enumerate(episodes):
+    with (ros_driver(models, args, config) if args.ros else InProcessDriver(models, args, modes, config)) as driver:
         for mode in modes:
-            if mode.scripted:
-                episode = scripted_episode(seed, event, config)
-            else:
-                configure(planner, mode, drafter)
-                episode = run_episode(planner, seed, event, config)
-            metrics = episode_metrics(episode)
-            metrics["digest"] = driving_digest(episode)
-            metrics["cocs"] = [plan.coc for plan in episode.plans]
-            metrics["tau"] = _mean_tau(episode)
-            runs[mode.name].append(episode)
-            rows[mode.name].append(metrics)
-            if args.png_dir:
-                from .figure import save_episode_png
+            with (nullcontext(None) if mode.scripted else driver.mode(mode)) as drive_episode:
+                for n, (seed, event) in enumerate(episodes):
+                    episode = scripted_episode(seed, event, config) if mode.scripted else drive_episode(seed, event)
+                    metrics = episode_metrics(episode)
+                    metrics["digest"] = driving_digest(episode)
+                    metrics["cocs"] = [plan.coc for plan in episode.plans]
+                    metrics["tau"] = _mean_tau(episode)
+                    if args.ros:
+                        metrics.update(ros_timing(episode))
+                    runs[mode.name].append(episode)
+                    rows[mode.name].append(metrics)
+                    if args.png_dir:
+                        from .figure import save_episode_png
 
-                save_episode_png(episode, metrics, mode.name, Path(args.png_dir) / f"{n:03d}_{event}_{mode.name}.png")
-            print(f"[{time.perf_counter() - started:6.0f} s] episode {n + 1}/{len(episodes)} {event} seed {seed} "
-                  f"{mode.name}: score {metrics['score']:.2f}", file=sys.stderr, flush=True)
+                        save_episode_png(episode, metrics, mode.name,
+                                         Path(args.png_dir) / f"{n:03d}_{event}_{mode.name}.png")
+                    print(f"[{time.perf_counter() - started:6.0f} s] {mode.name} episode {n + 1}/{len(episodes)} "
+                          f"{event} seed {seed}: score {metrics['score']:.2f}", file=sys.stderr, flush=True)
     summary = {}
     for mode in modes:
         summary[mode.name] = aggregate(rows[mode.name])
-        taus = [m["tau"] for m in rows[mode.name] if m["tau"] is not None]
-        summary[mode.name]["tau"] = float(np.mean(taus)) if taus else None
+        for key in ("tau", *ROS_TIMING):
+            values = [m[key] for m in rows[mode.name] if m.get(key) is not None]
+            summary[mode.name][key] = float(np.mean(values)) if values else None
     return {
-        "config": {"models": str(models), "backend": planner.backend, "draft": args.draft, "k": args.k,
-                   "episodes": len(episodes), "events": events, "seed": args.seed, "duration_s": args.duration,
-                   "plan_rate_hz": args.plan_rate, "modes": [m.name for m in modes], "threads": args.threads,
+        "config": {"models": str(models), "backend": args.backend if args.ros else driver.planner.backend,
+                   "draft": args.draft, "k": args.k, "episodes": len(episodes), "events": events, "seed": args.seed,
+                   "duration_s": args.duration, "plan_rate_hz": args.plan_rate, "modes": [m.name for m in modes],
+                   "threads": args.threads, "ros": args.ros,
+                   "realtime_factor": args.realtime_factor if args.ros else None,
                    "wall_s": time.perf_counter() - started},
         "modes": summary,
-        "comparisons": compare_modes(modes, runs, rows),
+        "comparisons": compare_modes(modes, runs, rows, exact=not args.ros),
         "episodes": rows,
     }
+
+
+ROS_TIMING = ("arrival_s_p50", "pose_error_m_max", "handover_s")
+
+
+def ros_timing(episode: Episode) -> dict:
+    """Through ROS: how late plans reached the simulator after their t0 (simulated seconds), how
+    far the node's pose at t0 was from the simulator's (its time alignment), and when the node took over."""
+    arrivals = [p.received_t - p.t for p in episode.plans if p.received_t is not None]
+    errors = [p.pose_error_m for p in episode.plans if p.pose_error_m is not None]
+    return {"arrival_s_p50": float(np.median(arrivals)) if arrivals else None,
+            "pose_error_m_max": float(max(errors)) if errors else None,
+            "handover_s": float(episode.t[episode.start_index])}
 
 
 def _mean_tau(episode: Episode) -> float | None:
@@ -206,10 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "see chain_spec_ros/sim/modes.py")
     parser.add_argument("--models", default="", help="models directory (default: the bundled models)")
     parser.add_argument("--draft", default=None, help="draft directory (default: MODELS/draft)")
-    parser.add_argument("--backend", default="torch", help="engine backend (default torch; bit-identity holds "
-                        "between modes on one backend)")
+    parser.add_argument("--backend", default="auto", help="engine backend (default auto, as the node: the fastest "
+                        "available; bit-identity holds between modes on one backend)")
     parser.add_argument("--k", type=int, default=DEFAULT_K, help="tokens drafted per target pass")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the engines (0 = library default)")
+    parser.add_argument("--ros", action="store_true", help="plan with chain_spec_node over DDS (one node per mode, "
+                        "launched on a private ROS_DOMAIN_ID) instead of in this process")
+    parser.add_argument("--attach", action="store_true", help="with --ros: drive the chain_spec_node already running "
+                        "(ROS_DOMAIN_ID from the environment or --ros-domain) instead of launching one")
+    parser.add_argument("--ros-domain", type=int, default=None, help="ROS_DOMAIN_ID for --ros")
+    parser.add_argument("--realtime-factor", type=float, default=1.0, help="with --ros: simulated seconds per wall "
+                        "second (below 1 gives a slow planner more simulated time; default 1, a car's)")
     parser.add_argument("--json", default="", help="write the full report (config, table, comparisons, episodes) here")
     parser.add_argument("--png-dir", default="", help="write a bird's-eye PNG per episode and mode here")
     return parser
@@ -224,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"chain-spec-sim: {error}", file=sys.stderr)
         return 2
-    except ModelLoadError as error:  # one clear line naming the file
+    except (ModelLoadError, ClosedLoopError) as error:  # one clear line naming the file or the cause
         print(f"chain-spec-sim: {error}", file=sys.stderr)
         return 2
     print(summary_table(report))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -28,12 +29,16 @@ from ..scenarios.render import DEFAULT_CAMERAS, Renderer
 from ..scenarios.scene import frame_times, history_times, local_history
 from ..trajectory import FUTURE_STEPS, history_bins
 from .controller import TrackedPlan, track
-from .geometry import route_position
+from .geometry import route_position, to_world
 from .vehicle import VehicleState, step
 
-DEFAULT_DURATION_S = 15.0
+DEFAULT_DURATION_S = 10.0
 DEFAULT_PLAN_RATE_HZ = 2.0  # the node's plan_rate_hz default
 MAX_SPEED_MPS = 90.0  # the node's max_speed_mps default: plans stepping further are dropped, as the node drops them
+
+
+class ClosedLoopError(RuntimeError):
+    """An episode could not be driven (no plan arrived, the node failed); the message says why."""
 
 
 @dataclass
@@ -65,6 +70,8 @@ class PlanRecord:
     timings_ms: dict
     stats: dict
     rejected: str | None = None  # why the node would not have published it (then the previous plan stays)
+    received_t: float | None = None  # through ROS: the simulated time the plan reached the simulator
+    pose_error_m: float | None = None  # through ROS: the node's pose at t0 vs the simulator's
 
 
 @dataclass
@@ -112,6 +119,29 @@ def plan_seed(episode_seed: int, tick: int) -> int:
     return (episode_seed * 1_000_003 + tick) % 2**31
 
 
+class PlanSource(Protocol):
+    """Where the plans come from: called at every step i once the ego's states up to step i are
+    logged, it returns the plans that reached the driver by then (none at most steps)."""
+
+    def sense(self, i: int, log: dict[str, np.ndarray]) -> list[PlanRecord]: ...
+
+
+class InProcessPlanner:
+    """The planner called in this process at every planning tick from the start on; the
+    simulation waits for it, so its latency shows in the report, not in the driving."""
+
+    def __init__(self, planner: Planner, world: World, renderer: Renderer, seed: int, config: EpisodeConfig):
+        self.planner, self.world, self.renderer, self.seed, self.config = planner, world, renderer, seed, config
+        self.start = int(round(config.start_s / SIM_DT))
+        self.ticks = 0
+
+    def sense(self, i: int, log: dict[str, np.ndarray]) -> list[PlanRecord]:
+        if i < self.start or (i - self.start) % self.config.plan_every:
+            return []
+        self.ticks += 1
+        return [_plan_tick(self.planner, self.world, self.renderer, log, i, self.seed, self.ticks - 1)]
+
+
 def run_episode(planner: Planner, seed: int, event: str | None = None, config: EpisodeConfig | None = None,
                 renderer: Renderer | None = None) -> Episode:
     """Drive one seeded episode of `event` (None: the seed's own draw) with `planner` as it is
@@ -120,37 +150,53 @@ def run_episode(planner: Planner, seed: int, event: str | None = None, config: E
     vision = planner.target.config.vision
     renderer = renderer or Renderer(DEFAULT_CAMERAS, vision.image_width, vision.image_height)
     world = build_world(np.random.default_rng(seed), event)
+    return drive(world, seed, config, InProcessPlanner(planner, world, renderer, seed, config))
+
+
+def drive(world: World, seed: int, config: EpisodeConfig, source: PlanSource) -> Episode:
+    """The closed loop: the world's scripted driver drives until the start and then until the
+    first plan has arrived (the handover), the controller follows the latest plan from then on."""
     start = int(round(config.start_s / SIM_DT))
     steps = start + int(round(config.duration_s / SIM_DT))
     reference = simulate_ego(world.route, world.plan, world.s0, world.v0, steps * SIM_DT)
-
-    # State log, filled with the scripted driver up to the start and with the closed loop after.
     t = np.arange(steps + 1) * SIM_DT
     log = {k: np.zeros(steps + 1) for k in ("x", "y", "yaw", "v", "accel", "s", "offset")}
-    for k, source in (("x", reference.x), ("y", reference.y), ("yaw", reference.yaw), ("v", reference.v),
-                      ("s", reference.s), ("offset", reference.offset)):
-        log[k][: start + 1] = source[: start + 1]
-    log["accel"][1: start + 1] = np.diff(reference.v[: start + 1]) / SIM_DT
-    state = VehicleState(log["x"][start], log["y"][start], log["yaw"][start], log["v"][start],
-                         _initial_curvature(reference, start))
+    _copy_reference(log, reference, 0)
 
     plans: list[PlanRecord] = []
     tracked: TrackedPlan | None = None
-    for i in range(start, steps):
-        if (i - start) % config.plan_every == 0:
-            record = _plan_tick(planner, world, renderer, log, i, seed, len(plans))
+    state, handover = None, None
+    for i in range(steps):
+        for record in source.sense(i, log):
             plans.append(record)
             if record.rejected is None:
                 tracked = TrackedPlan.from_plan(record.t, record.origin, record.speed, record.trajectory_xy,
                                                 record.controls)
-            elif tracked is None:  # nothing published yet: stand on the brakes
+            elif tracked is None and i >= start:  # nothing usable yet: stand on the brakes
                 tracked = _stand_still(record.t, record.origin)
+        if i < start or tracked is None:  # the scripted driver still drives
+            _copy_reference(log, reference, i + 1)
+            continue
+        if state is None:
+            handover = i
+            state = VehicleState(log["x"][i], log["y"][i], log["yaw"][i], log["v"][i],
+                                 _initial_curvature(reference, i))
         command = track(tracked, state, t[i])
         state, applied = step(state, command.accel, command.curvature, SIM_DT, command.hold)
         log["x"][i + 1], log["y"][i + 1], log["yaw"][i + 1], log["v"][i + 1] = state.x, state.y, state.yaw, state.v
         log["accel"][i + 1] = applied
         log["s"][i + 1], log["offset"][i + 1] = route_position(world.route, state.x, state.y, log["s"][i])
-    return Episode(seed, world.event, world.primary, world, reference, start, t, **log, plans=plans)
+    if handover is None:
+        raise ClosedLoopError(f"no plan reached the simulator in {config.duration_s:g} s after the start "
+                           f"({len(plans)} plan(s) before it): the planner never took over")
+    return Episode(seed, world.event, world.primary, world, reference, handover, t, **log, plans=plans)
+
+
+def _copy_reference(log: dict[str, np.ndarray], reference: EgoTrack, i: int) -> None:
+    """The scripted driver's state at step i into the log."""
+    for k in ("x", "y", "yaw", "v", "s", "offset"):
+        log[k][i] = getattr(reference, k)[i]
+    log["accel"][i] = (reference.v[i] - reference.v[i - 1]) / SIM_DT if i else 0.0
 
 
 def scripted_episode(seed: int, event: str | None = None, config: EpisodeConfig | None = None) -> Episode:
@@ -184,13 +230,10 @@ def _plan_tick(planner: Planner, world: World, renderer: Renderer, log: dict, i:
     result = planner.plan(images, history_bins(history_xyz), speed)
     latency_ms = (time.perf_counter() - clock) * 1e3
     xy = np.asarray(result.trajectory_xy, dtype=np.float64)
-    c, s = np.cos(origin[2]), np.sin(origin[2])
-    local = np.vstack([[0.0, 0.0], xy])
-    world_path = np.column_stack([origin[0] + c * local[:, 0] - s * local[:, 1],
-                                  origin[1] + s * local[:, 0] + c * local[:, 1]])
     return PlanRecord(t0, origin, speed, result.coc, list(result.coc_ids), decision_from_coc(result.coc), xy,
-                      np.asarray(result.controls, dtype=np.float64), world_path, latency_ms,
-                      dict(result.timings_ms), dict(result.stats), rejected=plan_problem(result, MAX_SPEED_MPS))
+                      np.asarray(result.controls, dtype=np.float64), to_world(origin, np.vstack([[0.0, 0.0], xy])),
+                      latency_ms, dict(result.timings_ms), dict(result.stats),
+                      rejected=plan_problem(result, MAX_SPEED_MPS))
 
 
 def _stand_still(t0: float, origin: tuple[float, float, float]) -> TrackedPlan:

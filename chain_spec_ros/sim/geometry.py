@@ -29,6 +29,14 @@ def boxes_overlap(a: np.ndarray, b: np.ndarray) -> bool:
     return True
 
 
+def to_world(origin: tuple[float, float, float], local_xy: np.ndarray) -> np.ndarray:
+    """Points [N, 2] given in the frame of `origin` (x, y, yaw: x forward, y left) in the world."""
+    ox, oy, yaw = origin
+    c, s = np.cos(yaw), np.sin(yaw)
+    local = np.asarray(local_xy, dtype=np.float64)
+    return np.column_stack([ox + c * local[:, 0] - s * local[:, 1], oy + s * local[:, 0] + c * local[:, 1]])
+
+
 def route_position(route: Route, x: float, y: float, s_hint: float | None = None) -> tuple[float, float]:
     """(arc length, lateral offset, left positive) of a point, from the nearest centreline sample
     within a window around `s_hint` (the previous arc length; None searches the whole route),

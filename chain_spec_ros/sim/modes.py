@@ -51,6 +51,14 @@ class Mode:
     def lossy(self) -> bool:
         return self.expert_steps is not None or self.max_coc_tokens is not None
 
+    def node_parameters(self) -> dict[str, object]:
+        """The chain_spec_node parameters that plan as this mode (`chain-spec-sim --ros`)."""
+        if self.scripted or self.max_coc_tokens is not None:
+            raise ValueError(f"mode {self.name} has no chain_spec_node equivalent (the node has no CoC cut-off "
+                             f"and the scripted driver needs no node)")
+        return {"drafter": "eagle" if self.speculative else "none", "decoding": "sample" if self.sampled else "greedy",
+                "expert_steps": self.expert_steps or 0}
+
 
 def parse_mode(name: str) -> Mode:
     """A mode from its name (see the module docstring); ValueError names what is wrong."""
