@@ -169,8 +169,9 @@ class RosPlanSource:
     def sense(self, i: int, log: dict[str, np.ndarray]) -> list[PlanRecord]:
         t = i * SIM_DT
         ns = self.epoch_ns + int(round(t * NS))
-        if self._wall0 is None:
+        if self._wall0 is None:  # a new timeline: the clock jumps first, so the first frames are not "ahead" of it
             self._wall0 = time.monotonic()
+            self.link.publish_clock(ns)
         delay = self._wall0 + t / self.realtime_factor - time.monotonic()
         if delay > 0:
             time.sleep(delay)
