@@ -166,6 +166,11 @@ def test_mode_names_and_the_distribution_check():
     for bad in ("beam", "euler0", "greedy,greedy"):
         with pytest.raises(ValueError):
             parse_modes(bad)
+    # through ROS a mode is the node's parameters; a CoC cut-off has none, refused before any node starts
+    assert parse_mode("spec-euler2").node_parameters() == {"drafter": "eagle", "decoding": "greedy", "expert_steps": 2}
+    assert parse_mode("sample").node_parameters() == {"drafter": "none", "decoding": "sample", "expert_steps": 0}
+    with pytest.raises(ValueError, match="no chain_spec_node equivalent"):
+        parse_mode("coc16").node_parameters()
     assert ks_two_sample([0.1, 0.2, 0.3], [0.1, 0.2, 0.3])[0] == 0.0
     assert ks_two_sample([0.0] * 20, [1.0] * 20) == (1.0, pytest.approx(0.0, abs=1e-6))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import queue
 import tempfile
+import threading
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class RosLink:
         self.received: queue.Queue[ReceivedPlan] = queue.Queue()
         self._paths: dict[int, np.ndarray] = {}
         self._infos: dict[int, dict] = {}
+        self._lock = threading.Lock()  # the halves arrive on the executor thread
         node.create_subscription(Path, f"/{node_name}/trajectory", self._on_path, 10)
         node.create_subscription(String, f"/{node_name}/plan_info", self._on_info, 10)
         self.node = node
@@ -137,12 +139,20 @@ class RosLink:
         self._pair(int(info["t0_ns"]), info=info)
 
     def _pair(self, ns: int, path: np.ndarray | None = None, info: dict | None = None) -> None:
-        if path is not None:
-            self._paths[ns] = path
-        if info is not None:
-            self._infos[ns] = info
-        if ns in self._paths and ns in self._infos:
-            self.received.put(ReceivedPlan(ns, self._paths.pop(ns), self._infos.pop(ns)))
+        with self._lock:
+            if path is not None:
+                self._paths[ns] = path
+            if info is not None:
+                self._infos[ns] = info
+            if ns in self._paths and ns in self._infos:
+                self.received.put(ReceivedPlan(ns, self._paths.pop(ns), self._infos.pop(ns)))
+
+    def reset(self) -> None:
+        """Forget every plan and unpaired half received so far."""
+        with self._lock:
+            self._paths.clear()
+            self._infos.clear()
+            self.take()
 
     def take(self) -> list[ReceivedPlan]:
         plans = []
@@ -162,9 +172,8 @@ class RosPlanSource:
                  realtime_factor: float, decoding: str):
         self.link, self.world, self.renderer, self.config = link, world, renderer, config
         self.epoch_ns, self.realtime_factor, self.decoding = epoch_ns, realtime_factor, decoding
-        self.end_ns = epoch_ns + int(round((config.start_s + config.duration_s) * NS))
         self._wall0 = None
-        link.take()  # a late plan of the previous episode belongs to another timeline
+        link.reset()  # a late plan of the previous episode belongs to another timeline
 
     def sense(self, i: int, log: dict[str, np.ndarray]) -> list[PlanRecord]:
         t = i * SIM_DT
