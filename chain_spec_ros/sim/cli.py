@@ -166,9 +166,10 @@ def ros_driver(models: Path, args: argparse.Namespace, config: EpisodeConfig):
     from ..scenarios.render import DEFAULT_CAMERAS
     from .ros_link import RosDriver
 
-    if args.attach and args.ros_domain is None:
-        args.ros_domain = int(os.environ.get("ROS_DOMAIN_ID", "0"))
-    domain = args.ros_domain if args.ros_domain is not None else 1 + os.getpid() % 101
+    if args.ros_domain is not None:
+        domain = args.ros_domain
+    else:  # attached: where the node runs; launched: a private domain
+        domain = int(os.environ.get("ROS_DOMAIN_ID", "0")) if args.attach else 1 + os.getpid() % 101
     parameters = {"backend": args.backend, "draft_k": args.k, "torch_threads": args.threads or 2}
     if args.draft:
         parameters["draft_dir"] = args.draft
@@ -186,6 +187,8 @@ def run(args: argparse.Namespace) -> dict:
     unknown = [e for e in events if e not in BUILDERS]
     if unknown:
         raise ValueError(f"unknown event(s) {unknown}; known: {', '.join(BUILDERS)}")
+    if args.ros and not args.realtime_factor > 0:
+        raise ValueError(f"--realtime-factor must be positive, got {args.realtime_factor:g}")
     if args.attach and not args.ros:
         raise ValueError("--attach drives a running chain_spec_node: it needs --ros")
     if args.attach and len([m for m in modes if not m.scripted]) > 1:
@@ -207,12 +210,7 @@ def run(args: argparse.Namespace) -> dict:
             with (nullcontext(None) if mode.scripted else driver.mode(mode)) as drive_episode:
                 for n, (seed, event) in enumerate(episodes):
                     episode = scripted_episode(seed, event, config) if mode.scripted else drive_episode(seed, event)
-                    metrics = episode_metrics(episode)
-                    metrics["digest"] = driving_digest(episode)
-                    metrics["cocs"] = [plan.coc for plan in episode.plans]
-                    metrics["tau"] = _mean_tau(episode)
-                    if args.ros:
-                        metrics.update(ros_timing(episode))
+                    metrics = episode_row(episode, args.ros)
                     runs[mode.name].append(episode)
                     rows[mode.name].append(metrics)
                     if args.png_dir:
@@ -242,6 +240,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 ROS_TIMING = ("arrival_s_p50", "pose_error_m_max", "handover_s")
+
+
+def episode_row(episode: Episode, ros: bool) -> dict:
+    """An episode's line of the report: its metrics, digest, CoCs, tau (and ROS timing)."""
+    row = episode_metrics(episode)
+    row.update(digest=driving_digest(episode), cocs=[plan.coc for plan in episode.plans], tau=_mean_tau(episode))
+    if ros:
+        row.update(ros_timing(episode))
+    return row
 
 
 def ros_timing(episode: Episode) -> dict:

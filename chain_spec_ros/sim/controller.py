@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..trajectory import REST_SPEED, STEP_SECONDS, integrate_unicycle
-from .geometry import to_world
+from .geometry import plan_path_in_world
 from .vehicle import VehicleState
 
 SPEED_GAIN = 1.5  # 1/s: acceleration per m/s of speed error, on top of the plan's own acceleration
@@ -36,7 +36,7 @@ class TrackedPlan:
                   trajectory_xy: np.ndarray, controls: np.ndarray) -> "TrackedPlan":
         """`trajectory_xy` [64, 2] in the t0 frame of `origin` (x, y, yaw) and its (acceleration,
         curvature) `controls` [64, 2], which the expert's unicycle integrates from `speed0`."""
-        world = to_world(origin, np.vstack([[0.0, 0.0], np.asarray(trajectory_xy, dtype=float)]))
+        world = plan_path_in_world(origin, trajectory_xy)
         # The unicycle's speeds: the release does not clamp them, a car does not reverse here.
         speeds = integrate_unicycle(controls, speed0)[:, 3]
         speed = np.maximum(np.concatenate([[speed0], speeds]), 0.0)

@@ -8,7 +8,9 @@ Timeline (simulated time, SIM_DT = 20 ms steps, the world's own rate):
   (the same functions as the dataset: `scene.history_times`, `scene.local_history`,
   `trajectory.history_bins`), and the planner plans; between ticks the controller follows the
   latest plan. Planning takes no simulated time (the sim waits for the planner), so latency
-  shows in the report, not in the driving.
+  shows in the report, not in the driving. (`drive` is the loop itself, whatever the plans come
+  from: `ros_link` feeds it from the running node, where latency does cost simulated time and
+  the handover waits for the node's first plan.)
 
 The world's actors follow their scripted motions (they do not react to the planner's ego); the
 scripted driver's own run over the whole episode is kept as the reference for progress.
@@ -29,7 +31,7 @@ from ..scenarios.render import DEFAULT_CAMERAS, Renderer
 from ..scenarios.scene import frame_times, history_times, local_history
 from ..trajectory import FUTURE_STEPS, history_bins
 from .controller import TrackedPlan, track
-from .geometry import route_position, to_world
+from .geometry import plan_path_in_world, route_position
 from .vehicle import VehicleState, step
 
 DEFAULT_DURATION_S = 10.0
@@ -188,7 +190,7 @@ def drive(world: World, seed: int, config: EpisodeConfig, source: PlanSource) ->
         log["s"][i + 1], log["offset"][i + 1] = route_position(world.route, state.x, state.y, log["s"][i])
     if handover is None:
         raise ClosedLoopError(f"no plan reached the simulator in {config.duration_s:g} s after the start "
-                           f"({len(plans)} plan(s) before it): the planner never took over")
+                              f"({len(plans)} plan(s) before it): the planner never took over")
     return Episode(seed, world.event, world.primary, world, reference, handover, t, **log, plans=plans)
 
 
@@ -231,7 +233,7 @@ def _plan_tick(planner: Planner, world: World, renderer: Renderer, log: dict, i:
     latency_ms = (time.perf_counter() - clock) * 1e3
     xy = np.asarray(result.trajectory_xy, dtype=np.float64)
     return PlanRecord(t0, origin, speed, result.coc, list(result.coc_ids), decision_from_coc(result.coc), xy,
-                      np.asarray(result.controls, dtype=np.float64), to_world(origin, np.vstack([[0.0, 0.0], xy])),
+                      np.asarray(result.controls, dtype=np.float64), plan_path_in_world(origin, xy),
                       latency_ms, dict(result.timings_ms), dict(result.stats),
                       rejected=plan_problem(result, MAX_SPEED_MPS))
 

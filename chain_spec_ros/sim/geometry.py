@@ -29,11 +29,12 @@ def boxes_overlap(a: np.ndarray, b: np.ndarray) -> bool:
     return True
 
 
-def to_world(origin: tuple[float, float, float], local_xy: np.ndarray) -> np.ndarray:
-    """Points [N, 2] given in the frame of `origin` (x, y, yaw: x forward, y left) in the world."""
+def plan_path_in_world(origin: tuple[float, float, float], trajectory_xy: np.ndarray) -> np.ndarray:
+    """A plan's path [N + 1, 2] in the world: the ego at its t0 pose `origin` (x, y, yaw) first,
+    then its N waypoints, given in the t0 frame (x forward, y left)."""
     ox, oy, yaw = origin
     c, s = np.cos(yaw), np.sin(yaw)
-    local = np.asarray(local_xy, dtype=np.float64)
+    local = np.vstack([[0.0, 0.0], np.asarray(trajectory_xy, dtype=np.float64)])
     return np.column_stack([ox + c * local[:, 0] - s * local[:, 1], oy + s * local[:, 0] + c * local[:, 1]])
 
 

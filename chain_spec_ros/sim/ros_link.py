@@ -36,7 +36,7 @@ from ..scenarios.events import World, build_world
 from ..scenarios.render import Camera, Renderer
 from ..trajectory import STEP_SECONDS
 from .episode import ClosedLoopError, Episode, EpisodeConfig, PlanRecord, drive
-from .geometry import to_world
+from .geometry import plan_path_in_world
 from .modes import Mode
 
 CAMERA_EVERY = int(round(STEP_SECONDS / SIM_DT))  # camera frames at 10 Hz: every 5th step
@@ -202,7 +202,7 @@ class RosPlanSource:
         xy = plan.path_xy
         return PlanRecord(t0, origin, float(info["speed"]), info["coc"], list(info["coc_ids"]),
                           decision_from_coc(info["coc"]), xy, np.asarray(info["controls"], dtype=np.float64),
-                          to_world(origin, np.vstack([[0.0, 0.0], xy])), float(info["planning_ms"]),
+                          plan_path_in_world(origin, xy), float(info["planning_ms"]),
                           dict(info["timings_ms"]), dict(info["stats"]), received_t=now, pose_error_m=pose_error)
 
 
