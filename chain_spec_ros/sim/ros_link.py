@@ -89,7 +89,6 @@ class RosLink:
         self._lock = threading.Lock()  # the halves arrive on the executor thread
         node.create_subscription(Path, f"/{node_name}/trajectory", self._on_path, 10)
         node.create_subscription(String, f"/{node_name}/plan_info", self._on_info, 10)
-        self.node = node
 
     def connected(self) -> bool:
         """Whether the node subscribes to every topic of the link yet (discovery is done)."""
