@@ -171,6 +171,8 @@ def test_mode_names_and_the_distribution_check():
     assert parse_mode("sample").node_parameters() == {"drafter": "none", "decoding": "sample", "expert_steps": 0}
     with pytest.raises(ValueError, match="no chain_spec_node equivalent"):
         parse_mode("coc16").node_parameters()
+    for bad in (["--plan-rate", "0"], ["--duration", "-1"], ["--episodes", "0"], ["--ros", "--realtime-factor", "0"]):
+        assert main(bad) == 2  # one clear line, before any model loads
     assert ks_two_sample([0.1, 0.2, 0.3], [0.1, 0.2, 0.3])[0] == 0.0
     assert ks_two_sample([0.0] * 20, [1.0] * 20) == (1.0, pytest.approx(0.0, abs=1e-6))
 

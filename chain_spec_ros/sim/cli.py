@@ -187,8 +187,10 @@ def run(args: argparse.Namespace) -> dict:
     unknown = [e for e in events if e not in BUILDERS]
     if unknown:
         raise ValueError(f"unknown event(s) {unknown}; known: {', '.join(BUILDERS)}")
-    if args.ros and not args.realtime_factor > 0:
-        raise ValueError(f"--realtime-factor must be positive, got {args.realtime_factor:g}")
+    for flag, value in (("--duration", args.duration), ("--plan-rate", args.plan_rate),
+                        ("--realtime-factor", args.realtime_factor), ("--episodes", args.episodes)):
+        if not value > 0:
+            raise ValueError(f"{flag} must be positive, got {value:g}")
     if args.attach and not args.ros:
         raise ValueError("--attach drives a running chain_spec_node: it needs --ros")
     if args.attach and len([m for m in modes if not m.scripted]) > 1:
