@@ -51,3 +51,22 @@ def test_sft_and_aarl_under_torchrun(workspace):
     assert curves["reward"] and all(math.isfinite(v) for points in curves.values() for _, v in points)
     cache = list((workspace / "runs" / "greedy_cache").glob("greedy_*.jsonl"))
     assert len(cache) == 2 and not list((workspace / "runs" / "greedy_cache").glob("*.partial"))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_autocast_only_where_the_cpu_computes_bf16(monkeypatch, native):
+    """On an AVX2-only CPU bf16 autocast is emulated (a draft SFT step 4x slower than fp32, measured):
+    the trainers then compute in fp32."""
+    import torch
+
+    from chain_spec_ros.training.common import setup_runtime
+
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    threads = torch.get_num_threads()
+    try:
+        assert setup_runtime(0).amp is native
+        assert setup_runtime(0, amp=False).amp is False
+    finally:
+        torch.set_num_threads(threads)

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         config.rope_theta = args.rope_theta or config.rope_theta
         draft = EagleDraft(config, target.decoder.embed_tokens).to(runtime.device)
         draft.init_head_from(target.decoder.lm_head)
-    wrapped = runtime.wrap(_TTTObjective(draft, target))
+    wrapped = runtime.wrap(_TTTObjective(draft, target, runtime))
     optimiser = torch.optim.AdamW(draft.trainable_parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     checkpoint = BestTauCheckpoint(target, val, args.val_scenes, args.out)
     curves = {"ttt loss": [], "step-0 accuracy": [], "step-6 accuracy": [], "val tau": checkpoint.history}
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     if runtime.is_main:
         save_curves(Path(args.out) / "training_curves", curves, f"draft SFT ({draft.cfg.position_mode})")
         summary = {"seconds": round(time.time() - started, 1), "best_val_tau": checkpoint.best,
-                   "processes": runtime.world_size, "args": vars(args)}
+                   "processes": runtime.world_size, "bf16_autocast": runtime.amp, "args": vars(args)}
         (Path(args.out) / "training_summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary))
     shutdown_runtime(runtime)
@@ -278,15 +278,16 @@ def main(argv: list[str] | None = None) -> int:
 class _TTTObjective(nn.Module):
     """Target features (frozen) then the draft's rollout loss; a module so DDP can wrap it."""
 
-    def __init__(self, draft: EagleDraft, target: TargetVLA):
+    def __init__(self, draft: EagleDraft, target: TargetVLA, runtime: Runtime):
         super().__init__()
         self.draft = draft
-        self._target = (target,)  # not a submodule: frozen and not synchronised by DDP
+        self._target, self._runtime = (target,), runtime  # the target is not a submodule: frozen, not synchronised by DDP
 
     def forward(self, prompt, ids, valid, images):
-        # The frozen target runs in bf16 autocast (twice as fast on CPU); the draft learns in fp32
-        # and meets fp32 features at inference, a difference well below its own error.
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+        # The frozen target runs in bf16 autocast where bf16 is native (twice as fast on such
+        # CPUs); the draft learns in fp32 and meets fp32 features at inference, a difference well
+        # below its own error.
+        with self._runtime.autocast():
             features, logits = target_features(self._target[0], prompt, ids, images, self.draft.cfg.feature_layers)
         return ttt_loss(self.draft, prompt, ids, valid, [f.float() for f in features], logits.float())
 

@@ -82,8 +82,9 @@ def to_device(batch: TeacherBatch, device: torch.device) -> TeacherBatch:
 
 def run_stage(name: str, objective: nn.Module, parameters, encoder: SceneEncoder, val: SceneEncoder,
               steps: int, batch_size: int, lr: float, seed: int, runtime: Runtime, curves: dict) -> None:
-    """AdamW with warm-up and cosine decay; compute in bf16 autocast (2x faster on CPUs with
-    avx512_bf16 or AMX, and on GPUs) over fp32 master weights."""
+    """AdamW with warm-up and cosine decay; compute in bf16 autocast over fp32 master weights
+    where bf16 is native (2x faster on CPUs with avx512_bf16 or AMX, and on GPUs), else fp32
+    (`common.native_bf16`)."""
     optimiser = torch.optim.AdamW(parameters, lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
     wrapped = runtime.wrap(objective)
     val_batches = [val.batch(list(range(k, min(k + batch_size, len(val.table))))) for k in range(0, min(len(val.table), 128), batch_size)]
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         save_curves(out / "training_curves", curves, "target VLA training")
         summary = {"seconds": round(time.time() - started, 1), "language_seconds": round(language_seconds, 1),
                    "train_scenes": len(train_table), "args": vars(args), "world_size": runtime.world_size,
-                   "final": {k: v[-1][1] for k, v in curves.items() if v}}
+                   "bf16_autocast": runtime.amp, "final": {k: v[-1][1] for k, v in curves.items() if v}}
         (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
         print(json.dumps(summary))
     shutdown_runtime(runtime)
