@@ -50,14 +50,8 @@ class EagleDrafter:
         hidden, logits = self._step(self.pending_tokens, self.pending_features, self.start_index)
         self.committed_length = self.engine.length
         index = self.start_index + len(self.pending_tokens)
-        drafts, probs = [], []
-        for j in range(k):
-            token, p = sampling.choose(logits, generator)
-            drafts.append(token)
-            probs.append(p)
-            if j + 1 == k or token == self.stop_id:
-                break
-            hidden, logits = self._step([token], hidden, index + j)
+        drafts, probs = self.engine.chain(logits, hidden, self.prompt.positions(index, k - 1, self.mode),
+                                          lambda chain_logits: sampling.choose(chain_logits, generator), self.stop_id)
         self.drafts = drafts
         return drafts, None if sampling.greedy else torch.stack(probs)
 

@@ -19,6 +19,7 @@ import torch
 from chain_spec_ros.constants import DEFAULT_K
 from chain_spec_ros.drafters import EagleDrafter
 from chain_spec_ros.engines import auto_export, export, manifest
+from chain_spec_ros.engines.base import DraftEngine
 from chain_spec_ros.engines.factory import build_engines
 from chain_spec_ros.engines.graph_engine import GraphTargetEngine
 from chain_spec_ros.models.checkpoint import load_target_config
@@ -30,6 +31,7 @@ from chain_spec_ros.paths import default_tokenizer_path
 from chain_spec_ros.planner import Planner
 from chain_spec_ros.prompt import PromptBuilder
 from chain_spec_ros.replay.fixtures import write_tiny_models
+from chain_spec_ros.sampling import Sampling
 from conftest import random_scene
 
 TOL = 1e-3
@@ -249,6 +251,38 @@ def test_draft_chain_from_an_empty_cache_matches_torch(pair):
             trace += [hidden, logits]
         runs.append(trace)
     assert all(_diff(a, b) < TOL for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=0.6, top_p=0.98, suppressed=range(300, 400))],
+                         ids=["greedy", "sampled"])
+def test_engine_chain_equals_chained_steps(pair, sampling):
+    """A graph engine's `chain_steps` (the 1-token call's buffers reused in place) proposes exactly
+    what chaining `step` calls proposes: tokens, distributions, cache length, stop."""
+    (_, draft), _ = pair
+    torch.manual_seed(5)
+    prefix = torch.randn(1, 6, draft.config.hidden_size) * 3
+
+    def run(steps, stop_id=None):
+        draft.start(64)
+        hidden, logits = draft.step(list(range(10, 16)), prefix, torch.arange(6).expand(3, 6))
+        generator = torch.Generator(device=draft.device).manual_seed(0)
+        draft.chain_steps = steps.__get__(draft)
+        try:
+            tokens, distributions = draft.chain(logits, hidden, torch.arange(6, 15).expand(3, 9),
+                                                lambda chain_logits: sampling.choose(chain_logits, generator), stop_id)
+        finally:
+            del draft.chain_steps
+        return tokens, distributions, draft.length
+
+    (tokens, distributions, length), (got, got_distributions, got_length) = (run(DraftEngine.chain_steps),
+                                                                             run(type(draft).chain_steps))
+    assert got == tokens and len(tokens) == 10 and got_length == length == 6 + 9
+    assert not any(t in sampling.suppressed for t in tokens)
+    for a, b in zip(distributions, got_distributions):
+        assert (a is None and b is None) or torch.equal(a, b)
+    until_stop = tokens[:tokens.index(tokens[-1]) + 1]  # nothing after the stop token's first occurrence
+    stopped = run(type(draft).chain_steps, stop_id=tokens[-1])
+    assert stopped[0] == until_stop and stopped[2] == 6 + len(until_stop) - 1
 
 
 class _OracleDrafter:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,6 +106,33 @@ class DraftEngine(ABC):
         """Append T inputs (token, feature) at positions [3, T] -> (the last input's hidden state
         [1, 1, D], its logits [V]). Only the last position's output is computed: drafting never
         reads the others, and the cache needs only their keys and values."""
+
+    def chain(self, logits: Tensor, hidden: Tensor, positions: Tensor, choose: Callable[[Tensor], tuple[int, Tensor | None]],
+              stop_id: int | None) -> tuple[list[int], list[Tensor | None]]:
+        """Chained drafting from a step's (hidden, logits): choose a token, run it with the draft's
+        own hidden state as its feature at the next of `positions` [3, n], repeat; n + 1 tokens at
+        most, none after `stop_id`. Returns the tokens and what `choose` returned with each (the
+        distribution a sampled token was drawn from). The chain's cache entries stay appended."""
+        advance = self.chain_steps(hidden)
+        tokens, distributions = [], []
+        for j in range(positions.shape[1] + 1):
+            token, distribution = choose(logits)
+            tokens.append(token)
+            distributions.append(distribution)
+            if j == positions.shape[1] or token == stop_id:
+                break
+            logits = advance(token, positions[:, j:j + 1])
+        return tokens, distributions
+
+    def chain_steps(self, hidden: Tensor) -> Callable[[int, Tensor], Tensor]:
+        """(token, position [3, 1]) -> logits [V]: one chain step after `hidden`, each feeding its
+        hidden state to the next. The logits are read before the next step runs, so an engine may
+        return them in place (graph_engine.py does)."""
+        def advance(token: int, position: Tensor) -> Tensor:
+            nonlocal hidden
+            hidden, logits = self.step([token], hidden, position)
+            return logits
+        return advance
 
     @abstractmethod
     def crop(self, length: int) -> None:
