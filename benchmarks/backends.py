@@ -10,8 +10,9 @@ or stale ONNX export is an error unless --export re-exports first.
 
 Per backend, on the same scenes:
 - stage latency (median ms over scenes x repeats, each stage timed alone on the engines):
-  vision (all frames), prefill, decode of 1 token, verify of k+1 tokens, one draft step, the
-  expert (all Euler steps); plus the ratios verify/decode and c = draft step/decode;
+  vision (all frames), prefill, decode of 1 token, verify of k+1 tokens, one draft step, a
+  greedy k-token draft chain (`DraftEngine.chain`: k-1 chain steps), the expert (all Euler
+  steps); plus the ratios verify/decode and c = draft step/decode;
 - the speculative speedup: the planner decodes every scene's CoC twice on the same engines,
   target-only and speculative (EAGLE draft, k), alternating which goes first; speedup =
   summed target-only CoC time / summed speculative CoC time; tau and the count of identical CoCs.
@@ -46,8 +47,9 @@ from chain_spec_ros.models.tokenizer import ChainTokenizer  # noqa: E402
 from chain_spec_ros.paths import default_models_dir, default_tokenizer_path  # noqa: E402
 from chain_spec_ros.planner import MAX_COC_TOKENS, Planner  # noqa: E402
 from chain_spec_ros.prompt import PromptBuilder  # noqa: E402
+from chain_spec_ros.sampling import GREEDY  # noqa: E402
 
-STAGES = ("vision", "prefill", "decode", "verify", "draft_step", "expert")
+STAGES = ("vision", "prefill", "decode", "verify", "draft_step", "draft_chain", "expert")
 
 
 def make_random_models(directory: Path, hidden: int = 256, layers: int = 8) -> Path:
@@ -109,11 +111,15 @@ def stage_latency(target, draft, builder: PromptBuilder, scenes: list[dict], k: 
         if draft is not None:
             draft.start(max_len)
             pending = prompt.input_ids[1:].tolist() + [token]
-            hidden, _ = draft.step(pending, draft.fuse(features), prompt.positions(0, len(pending), draft.config.position_mode))
+            hidden, draft_logits = draft.step(pending, draft.fuse(features), prompt.positions(0, len(pending), draft.config.position_mode))
             base = draft.length
             for _ in range(repeats):
                 positions = prompt.positions(base, 1, draft.config.position_mode)
                 times["draft_step"].append(_timed(lambda: draft.step([token], hidden, positions))[0])
+                draft.crop(base)
+                chain_positions = prompt.positions(base, k - 1, draft.config.position_mode)
+                times["draft_chain"].append(_timed(lambda: draft.chain(draft_logits, hidden, chain_positions, GREEDY.choose,
+                                                                       None))[0])
                 draft.crop(base)
     medians = {stage: statistics.median(v) for stage, v in times.items() if v}
     ratios = {"verify_over_decode": medians["verify"] / medians["decode"]}
