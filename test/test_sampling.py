@@ -31,6 +31,20 @@ def test_suppressed_tokens_are_never_chosen():
         Sampling(-1.0)
 
 
+def test_greedy_argmax_equals_the_masked_argmax():
+    """`Sampling.argmax` (a masked copy only when the plain argmax is suppressed) chooses what the
+    argmax of the masked logits chooses, ties included, for one row and for a block of rows."""
+    generator = torch.Generator().manual_seed(0)
+    sampling = Sampling(0.0, 1.0, range(5, 9))
+    for _ in range(200):
+        logits = torch.randint(0, 4, (6, 12), generator=generator).float()  # many ties, some in the range
+        expected = sampling.masked(logits).argmax(-1).tolist()
+        assert sampling.argmax(logits) == expected
+        assert [sampling.argmax(row) for row in logits] == expected
+        assert all(c not in range(5, 9) for c in expected)
+    assert Sampling().argmax(torch.tensor([0.0, 2.0, 2.0])) == 1
+
+
 @pytest.mark.parametrize("top_p", [1.0, 0.98, 0.8])
 def test_speculative_sampling_keeps_the_target_distribution_with_a_restricted_draft(top_p):
     """Two drafts per pass; the draft proposes only from 6 of the 12 tokens (q is zero outside,
