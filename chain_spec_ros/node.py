@@ -11,6 +11,7 @@ docs/ARCHITECTURE.md has the whole picture.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import threading
@@ -266,6 +267,9 @@ class ChainSpecNode(Node):
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A crash in native code (DDS, torch, ONNX Runtime) prints every thread's Python stack to stderr,
+    # where the launch log keeps it: a rare startup segfault once left no trace but its exit code.
+    faulthandler.enable(all_threads=True)
     # SIGINT/SIGTERM: KeyboardInterrupt while loading, a flag once spinning (why: `on_stop_signals`).
     stop = threading.Event()
     on_stop_signals()

@@ -102,7 +102,7 @@ def ros_env(domain_id: int | None = None, **extra: str) -> dict[str, str]:
     if domain_id is None:
         domain_id = 100 + os.getpid() % 100
     env.update(ROS_DOMAIN_ID=str(domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", PYTHONUNBUFFERED="1",
-               RCUTILS_COLORIZED_OUTPUT="0")
+               PYTHONFAULTHANDLER="1", RCUTILS_COLORIZED_OUTPUT="0")  # a native crash, even at import, shows its stack
     env.update(extra)
     return env
 
