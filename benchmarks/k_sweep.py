@@ -120,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json")
     parser.add_argument("--png", help="speedup (with its interval) and tau against k")
     args = parser.parse_args(argv)
-    ks = sorted({int(k) for k in args.ks.split(",")})
+    try:
+        ks = sorted({int(k) for k in args.ks.split(",")})
+    except ValueError:
+        parser.error(f"--ks takes comma-separated integers, got {args.ks!r}")
+    if ks[0] < 1:
+        parser.error(f"every k must be at least 1, got {ks[0]}")
     torch.set_num_threads(args.threads)
     speculative = load_planner(Path(args.models), args.backend, "eagle", threads=args.threads)
     table = load_split(args.data, args.split, limit=args.limit)
