@@ -1,6 +1,7 @@
-"""The EAGLE-3 draft: its training-time-test rollout computes what chained drafting computes, its
-soft-label loss trains it, its vocabulary maps, its checkpoint layout round-trips and loads
+"""The EAGLE-3 draft: its training-time-test rollout computes what chained drafting computes, the
+PyTorch engine's fused chain step computes what the module computes, its soft-label loss trains it, its vocabulary maps, its checkpoint layout round-trips and loads
 drafts written by independent code, and AARL's windows and block loss follow the authors' rules."""
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from chain_spec_ros.drafters import EagleDrafter
+from chain_spec_ros.engines.base import DraftEngine
 from chain_spec_ros.engines.torch_engine import TorchDraftEngine
 from chain_spec_ros.models.decoder import causal_mask
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft, eagle3_feature_layers
@@ -70,6 +72,39 @@ def test_rollout_matches_chained_drafting(pair, mode):
                 drafts, _ = drafter.propose(4, GREEDY)
                 chain = [int(greedy_tokens[s][0, base - (P - 1)]) for s in range(1, 4)]
                 assert drafts[:3] == chain
+
+
+@pytest.mark.parametrize("variant", [{}, {"qk_norm": True, "norm_before_residual": True, "norm_output": True}],
+                         ids=["eagle3", "every-variant"])
+def test_fused_chain_step_equals_the_module_step(pair, variant):
+    """`TorchDraftEngine.chain_steps` (FusedChainStep) gives the logits and cache entries that
+    chaining the module's `step` gives: at table positions, at a 3-D position and past the table."""
+    target, _ = pair
+    torch.manual_seed(4)
+    cfg = dataclasses.replace(DraftConfig.for_target(target.cfg.decoder), **variant)
+    draft = EagleDraft(cfg, target.decoder.embed_tokens)
+    with torch.no_grad():  # norms away from 1, so a skipped or misplaced one shows
+        for name, p in draft.named_parameters():
+            if not name.startswith("embed_tokens."):
+                p.add_(torch.randn_like(p) * 0.2)
+    engine = TorchDraftEngine(draft, device="cpu")
+    prefix = torch.randn(1, 6, cfg.hidden_size) * 3
+    positions = torch.arange(6, 14).expand(3, 8).clone()
+    positions[1:, 3] += torch.tensor([2, 1])  # a 3-D triple: angles computed, not looked up
+    positions[:, 5] = cfg.max_positions + 3  # past the table
+
+    def run(chain_steps):
+        engine.start(32)
+        hidden, _ = engine.step(list(range(10, 16)), prefix, torch.arange(6).expand(3, 6))
+        advance = chain_steps(engine, hidden)
+        logits = [advance(20 + j, positions[:, j:j + 1]).clone() for j in range(positions.shape[1])]
+        return logits, [t.clone() for t in engine.cache.get(0)]
+
+    (module_logits, module_cache), (fused_logits, fused_cache) = run(DraftEngine.chain_steps), run(TorchDraftEngine.chain_steps)
+    for mine, theirs in zip(fused_logits + fused_cache, module_logits + module_cache):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    assert all(a.argmax() == b.argmax() for a, b in zip(fused_logits, module_logits))
+    assert module_cache[0].shape[2] == 6 + positions.shape[1]
 
 
 def test_soft_label_loss_trains_the_draft(pair):

@@ -1,12 +1,16 @@
 """PyTorch backend (CPU, or CUDA when present): the reference every other backend is tested against."""
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.draft import EagleDraft
 from ..models.kv_cache import KVCache
+from ..models.rope import rotate_half
 from ..models.target import TargetVLA
 from ..models.vision import VisualFeatures
 from .base import DraftEngine, TargetEngine, TrajectoryOut, require_expert
@@ -66,10 +70,13 @@ class TorchDraftEngine(DraftEngine):
     backend = "torch"
 
     def __init__(self, draft: EagleDraft, device: str | None = None):
+        """The engine serves the draft's weights as they are now (the chain step keeps fused
+        copies, as an export does): build a new engine after changing them."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.draft = draft.eval().to(self.device)
         self.config = draft.cfg
         self.cache: KVCache | None = None
+        self.chain_step = FusedChainStep(self.draft)
 
     def start(self, max_len: int) -> None:
         if self.cache is None or self.cache.max_len < max_len:
@@ -86,9 +93,96 @@ class TorchDraftEngine(DraftEngine):
                             positions[:, None].to(self.device), self.cache, last_only=True)
         return hidden, self.draft.proposal_logits(hidden)[0, -1].cpu()
 
+    def chain_steps(self, hidden: Tensor) -> Callable[[int, Tensor], Tensor]:
+        """`DraftEngine.chain_steps` through `FusedChainStep`; the logits [V] are returned in one
+        buffer, rewritten by the next step (the base class's contract allows it)."""
+        hidden = hidden.reshape(-1).to(self.device)
+        logits = torch.full((self.config.target_vocab_size,), float("-inf"), device=self.device)
+        target_ids = self.draft.target_ids
+
+        @torch.inference_mode()
+        def advance(token: int, position: Tensor) -> Tensor:
+            nonlocal hidden
+            hidden, inside = self.chain_step(token, hidden, position, self.cache)
+            return logits.index_copy_(0, target_ids, inside).cpu()
+        return advance
+
     def crop(self, length: int) -> None:
         self.cache.crop(length)
 
     @property
     def length(self) -> int:
         return self.cache.length
+
+
+class FusedChainStep:
+    """One chain step of the draft (a single token after the cache) written for eager PyTorch,
+    where a step of this small layer costs mostly per-operator overhead: no batch or time axes,
+    q/k/v and gate/up each one product over weights concatenated once, each RMSNorm's weight
+    folded into the product that reads its output, the rotary angles a row of a 1-D table, and
+    one query's grouped attention as two products.
+
+    Why: drafting runs about 12 chain steps per verify pass. On the 2-core Zen 2 host with the
+    bundled draft a step through the module code is about 0.9 ms and this one about 0.45 ms;
+    the target's layers run the module code in both decoding modes, so the saving is the
+    draft's own. The maths is `EagleDraft.forward` for one token with `last_only`, every
+    configuration variant included, rounded differently (the folded weights);
+    `test_fused_chain_step_equals_the_module_step` holds the two within 1e-5.
+    """
+
+    def __init__(self, draft: EagleDraft):
+        cfg, layer = draft.cfg, draft.layers[0]
+        attention, mlp = layer.self_attn, layer.mlp
+        self.draft, self.layer, self.cfg = draft, layer, cfg
+        self.heads, self.kv_heads, self.head_dim = attention.num_heads, attention.num_kv_heads, attention.head_dim
+        with torch.no_grad():
+            input_norms = torch.cat([layer.input_layernorm.weight, layer.hidden_norm.weight])
+            self.qkv_weight = torch.cat([attention.q_proj.weight, attention.k_proj.weight,
+                                         attention.v_proj.weight]) * input_norms
+            self.gate_up_weight = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]) * layer.post_attention_layernorm.weight
+            self.head_weight = draft.lm_head.weight if cfg.norm_output else draft.lm_head.weight * draft.norm.weight
+            dtype, device = self.qkv_weight.dtype, self.qkv_weight.device
+            self.eps = torch.tensor(cfg.rms_norm_eps, dtype=dtype, device=device)
+            # Chain steps are past the prompt, where every position is text: (p, p, p) in both
+            # position modes, so one row of a 1-D table gives the angles.
+            cos, sin = draft.rotary_emb(torch.arange(cfg.max_positions, device=device)[None])
+            self.cos, self.sin = cos[0].to(dtype), sin[0].to(dtype)
+
+    def rotation(self, position: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin [head_dim] at position [3, 1]: a table row, or computed off the table."""
+        t, h, w = position[:, 0].tolist()
+        if t == h == w and 0 <= t < len(self.cos):
+            return self.cos[t], self.sin[t]
+        cos, sin = self.draft.rotary_emb(position[:, None].to(self.cos.device))
+        return cos[0, 0].to(self.cos.dtype), sin[0, 0].to(self.cos.dtype)
+
+    def unit_rms(self, x: Tensor) -> Tensor:
+        """x / rms(x): an RMSNorm without its weight (folded into the next product)."""
+        return x * torch.add(self.eps, torch.dot(x, x), alpha=1 / x.shape[-1]).rsqrt_()
+
+    def __call__(self, token: int, hidden: Tensor, position: Tensor, cache: KVCache) -> tuple[Tensor, Tensor]:
+        """(token, the previous step's hidden state [D], position [3, 1]) -> (this step's hidden
+        state [D], its logits over the draft vocabulary); the step's key and value enter the cache."""
+        cfg, attention = self.cfg, self.layer.self_attn
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
+        embeds = self.draft.embed_tokens.weight[token]
+        rows = F.linear(torch.cat([self.unit_rms(embeds), self.unit_rms(hidden)]), self.qkv_weight).view(-1, head_dim)
+        qk = rows[:heads + kv_heads]  # q heads, then k heads: rotated together
+        if cfg.qk_norm:
+            qk = torch.cat([attention.q_norm(qk[:heads]), attention.k_norm(qk[heads:])])
+        cos, sin = self.rotation(position)
+        qk = qk * cos + rotate_half(qk) * sin
+        keys, values = cache.append(0, qk[heads:].view(1, kv_heads, 1, head_dim),
+                                    rows[heads + kv_heads:].view(1, kv_heads, 1, head_dim))
+        cache.advance(1)
+        # Query head i reads kv head i // (heads / kv_heads), as enable_gqa does.
+        scores = qk[:heads].view(kv_heads, -1, head_dim) @ keys[0].transpose(1, 2)
+        attended = (scores.mul_(head_dim ** -0.5).softmax(-1) @ values[0]).view(-1)
+        residual = self.layer.hidden_norm(hidden) if cfg.norm_before_residual else hidden
+        x = residual + F.linear(attended, attention.o_proj.weight)
+        gate, up = F.linear(self.unit_rms(x), self.gate_up_weight).chunk(2)
+        x = x + F.linear(F.silu(gate) * up, self.layer.mlp.down_proj.weight)
+        if cfg.norm_output:
+            x = self.draft.norm(x)
+            return x, F.linear(x, self.head_weight)
+        return x, F.linear(self.unit_rms(x), self.head_weight)
