@@ -1,6 +1,7 @@
 """Speculative vs target-only CoC decoding on the same scenes, same backend, in one run.
 
     .venv/bin/python benchmarks/speculative.py --data DATA --split test --json OUT [--drafter eagle|ngram]
+        [--backend torch|onnxruntime|tensorrt] [--draft-fp32]
 
 For every scene the planner runs twice, target-only and speculative, alternating which goes
 first. It reports tau (tokens decided per target pass), the drafted share of CoC tokens,
@@ -146,16 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.0, help="0 = the model's generation_config")
     parser.add_argument("--repeats", type=int, default=1, help="runs per scene and mode (seeds 0..)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, or the size of ONNX Runtime's one pool")
+    parser.add_argument("--draft-fp32", action="store_true",
+                        help="ONNX Runtime on the CPU: run the fp32 draft graphs instead of their int8 twins")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    speculative = load_planner(Path(args.models), args.backend, args.drafter, args.draft_dir, args.data, args.k)
+    speculative = load_planner(Path(args.models), args.backend, args.drafter, args.draft_dir, args.data, args.k,
+                               draft_int8=not args.draft_fp32)
+    draft_engine = getattr(speculative.drafter, "engine", None)
     target_only = Planner(speculative.target, speculative.builder)  # same engine, same backend
     for planner in (speculative, target_only):
         planner.sampling = speculative.sampling_for(args.decoding, args.temperature, args.top_p)
     table = load_split(args.data, args.split, limit=args.limit)
     report = {"drafter": args.drafter, "draft_dir": args.draft_dir, "backend": speculative.backend,
-              "threads": args.threads, **run(target_only, speculative, table, args.limit, repeats=args.repeats)}
+              "threads": args.threads, "draft_int8": bool(draft_engine is not None and draft_engine.int8_weights),
+              **run(target_only, speculative, table, args.limit, repeats=args.repeats)}
     text = json.dumps(report, indent=1)
     print(json.dumps({k: v for k, v in report.items() if k not in ("divergent", "stages_ms", "per_run")}, indent=1))
     if args.json:

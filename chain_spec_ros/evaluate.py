@@ -34,11 +34,12 @@ CASES = ("stopped", "starting", "creeping", "mid-turn")
 
 
 def load_planner(models: Path, backend: str = "torch", drafter: str = "none", draft_dir: str | None = None,
-                 data: str | None = None, k: int = DEFAULT_K, expert_steps: int | None = None) -> Planner:
+                 data: str | None = None, k: int = DEFAULT_K, expert_steps: int | None = None,
+                 draft_int8: bool = True) -> Planner:
     """`planner.load_planner`, plus the n-gram baseline drafter (`drafter="ngram"`), which counts
     the target's greedy CoCs on the training split of `data`."""
     if drafter != "ngram":
-        return planner_module.load_planner(models, backend, drafter, draft_dir, k, expert_steps)
+        return planner_module.load_planner(models, backend, drafter, draft_dir, k, expert_steps, draft_int8=draft_int8)
     if data is None:
         raise ValueError("the n-gram drafter needs a dataset to count the target's CoCs on")
     planner = planner_module.load_planner(models, backend, "none", k=k, expert_steps=expert_steps)

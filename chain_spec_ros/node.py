@@ -58,13 +58,15 @@ class ChainSpecNode(Node):
                 raise StartupError(str(error)) from None
             raise
         self._draft = self.planner.drafter  # kept while drafting is switched off at runtime
+        self.draft_int8 = bool(getattr(getattr(self._draft, "engine", None), "int8_weights", False))
         vision = self.planner.target.config.vision
         self.width, self.height = vision.image_width, vision.image_height
         self.backend, self.backend_fallback = self.planner.target.backend, self.planner.target.fallback_reason or ""
         if self.backend_fallback:  # auto's choice is information; a named backend replaced is a warning
             (self.log.info if cfg.backend == "auto" else self.log.warning)(
                 f"backend {cfg.backend}: running on {self.backend} ({self.backend_fallback})")
-        self.log.info(f"models from {self.models_dir} ({self.backend}, {self._decoding()}); images "
+        self.log.info(f"models from {self.models_dir} ({self.backend}, {self._decoding()}"
+                      f"{', int8 draft' if self.draft_int8 else ''}); images "
                       f"{self.width}x{self.height}; cameras {', '.join(cfg.cameras)}; self-test plan {warm_ms:.0f} ms")
         self.buffers = SensorBuffers(sensing_config(cfg, self.width, self.height))
         self.latency, self.ticks = LatencyWindow(cfg.diagnostics_window), TickStats()
@@ -239,7 +241,7 @@ class ChainSpecNode(Node):
         ages = {name: (now - stamp) / NS if stamp is not None else float("nan")
                 for name, stamp in self.buffers.newest_stamps().items()}
         node_values = {"plan_rate_hz": self.config.plan_rate_hz, "plan_rate_achieved_hz": self.plan_rate.rate(),
-                       "draft_k": self.planner.k, "executor_load_pct": 100.0 * self.busy.take(), "log_keys": len(self.warn)}
+                       "draft_k": self.planner.k, "draft_int8": self.draft_int8, "executor_load_pct": 100.0 * self.busy.take(), "log_keys": len(self.warn)}
         return outputs.NodeState(
             name=self.get_name(), backend=self.backend, backend_requested=self.config.backend,
             backend_fallback=self.backend_fallback, decoding=self._decoding(), models_dir=str(self.models_dir),

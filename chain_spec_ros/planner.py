@@ -187,12 +187,12 @@ class ModelLoadError(RuntimeError):
 
 
 def load_planner(models: Path, backend: str = "auto", drafter: str = "auto", draft_dir: str | Path | None = None,
-                 k: int = DEFAULT_K, expert_steps: int | None = None, threads: int = 0) -> Planner:
+                 k: int = DEFAULT_K, expert_steps: int | None = None, threads: int = 0, draft_int8: bool = True) -> Planner:
     """A planner on the models directory (tokenizer.json, target/, optionally draft/).
 
     drafter: "eagle" (speculative, with the EAGLE draft from draft_dir or MODELS/draft), "none"
     (target only) or "auto" (eagle when the draft directory exists). backend: see
-    `engines.factory.build_engines`. Any problem is one ModelLoadError naming the file.
+    `engines.factory.build_engines` (and its draft_int8). Any problem is one ModelLoadError naming the file.
     """
     from .drafters import EagleDrafter
     from .engines.factory import build_engines
@@ -216,7 +216,8 @@ def load_planner(models: Path, backend: str = "auto", drafter: str = "auto", dra
         if expected is not None and tokenizer.vocab_size != expected:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens but the target expects "
                              f"{expected}: model and tokenizer do not belong together")
-        target, draft_engine = build_engines(models, backend, draft if drafter == "eagle" else None, threads=threads)
+        target, draft_engine = build_engines(models, backend, draft if drafter == "eagle" else None, threads=threads,
+                                             draft_int8=draft_int8)
         builder = PromptBuilder(tokenizer, *target.config.vision.grid)
         chosen = EagleDrafter(draft_engine, stop_id=builder.cot_end_id) if drafter == "eagle" else None
         planner = Planner(target, builder, drafter=chosen, k=k, expert_steps=expert_steps)

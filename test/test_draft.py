@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from chain_spec_ros.drafters import EagleDrafter
 from chain_spec_ros.engines.base import DraftEngine
-from chain_spec_ros.engines.torch_engine import TorchDraftEngine
+from chain_spec_ros.engines.torch_engine import FusedChainStep, TorchDraftEngine
 from chain_spec_ros.models.decoder import causal_mask
 from chain_spec_ros.models.draft import DraftConfig, EagleDraft, eagle3_feature_layers
 from chain_spec_ros.models.draft_format import DraftFormatError
@@ -105,6 +105,16 @@ def test_fused_chain_step_equals_the_module_step(pair, variant):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
     assert all(a.argmax() == b.argmax() for a, b in zip(fused_logits, module_logits))
     assert module_cache[0].shape[2] == 6 + positions.shape[1]
+
+
+def test_fused_norm_is_computed_in_fp32(pair):
+    """The fused step's RMSNorm sums squares in fp32 as the module does: in half precision the
+    sum of 256 squares of 300 (2.3e7) would overflow to inf and zero the normalised vector."""
+    target, _ = pair
+    step = FusedChainStep(_draft(target))
+    x = torch.full((target.cfg.decoder.hidden_size,), 300.0, dtype=torch.float16)
+    assert step.unit_rms(x).dtype == torch.float16
+    torch.testing.assert_close(step.unit_rms(x).float(), torch.ones(x.shape), atol=1e-3, rtol=1e-3)
 
 
 def test_soft_label_loss_trains_the_draft(pair):

@@ -73,7 +73,9 @@ def _backends():
     """(backend, build_engines keyword arguments) of every non-torch backend this machine has."""
     import onnxruntime as ort
 
-    found = [pytest.param(("onnxruntime", {"providers": ["CPUExecutionProvider"]}), id="ort-cpu")]
+    # The CPU provider's int8 draft rounds its weights: the parity pair runs its fp32 draft
+    # (test_int8_draft_changes_proposals_not_the_output covers the int8 one).
+    found = [pytest.param(("onnxruntime", {"providers": ["CPUExecutionProvider"], "draft_int8": False}), id="ort-cpu")]
     if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
         found.append(pytest.param(("onnxruntime", {"providers": ["CUDAExecutionProvider"]}), id="ort-cuda"))
     found.append(pytest.param(("tensorrt", {}), id="tensorrt",
@@ -91,7 +93,7 @@ def pair(request, models):
 
         build_all(models, fp16=False)  # fp32 engines: the 1e-3 parity bound holds for fp32 only
     engines = build_engines(models, backend, models / "draft", **kwargs)
-    assert engines[0].backend == backend and engines[0].fallback_reason is None
+    assert engines[0].backend == backend and engines[0].fallback_reason is None and not engines[1].int8_weights
     reference = build_engines(models, "torch", models / "draft", device=engines[0].device.type)
     return engines, reference
 
@@ -332,6 +334,44 @@ def test_planner_greedy_coc_is_identical(pair, builder, monkeypatch):
             assert got.coc_ids == want.coc_ids
             _assert_paths_close(got.trajectory_xy, want.trajectory_xy)
     assert max(stats) > 2.0  # the oracle's verify passes accepted several drafts at once
+
+
+def test_int8_draft_changes_proposals_not_the_output(models, builder, monkeypatch):
+    """ONNX Runtime's CPU provider runs the draft's int8 twins by default (export.quantize_int8):
+    their MatMuls are integer products, the draft's logits stay near the fp32 draft's, and
+    speculative greedy CoCs still equal target-only decoding token for token."""
+    import onnx
+
+    import chain_spec_ros.planner as planner_module
+
+    monkeypatch.setattr(planner_module, "MAX_COC_TOKENS", MAX_NEW)
+    manifest = json.loads((models / "onnx" / "manifest.json").read_text())
+    for name in ("draft_step", "draft_step_t1", "draft_fuse"):
+        graph = onnx.load(str(models / "onnx" / manifest["graphs"][name]["int8_file"])).graph
+        weights = {w.name for w in graph.initializer}
+        assert any(node.op_type == "MatMulInteger" for node in graph.node), name
+        assert not any(node.op_type == "MatMul" and weights & set(node.input) for node in graph.node), name
+    assert all("int8_file" not in entry for name, entry in manifest["graphs"].items() if name.startswith("target_"))
+    cpu = {"providers": ["CPUExecutionProvider"]}
+    target, int8 = build_engines(models, "onnxruntime", models / "draft", **cpu)
+    _, fp32 = build_engines(models, "onnxruntime", models / "draft", **cpu, draft_int8=False)
+    assert int8.int8_weights and not fp32.int8_weights
+    torch.manual_seed(6)
+    prefix = torch.randn(1, 6, int8.config.hidden_size) * 3
+    logits = []
+    for draft in (int8, fp32):
+        draft.start(32)
+        hidden, first = draft.step(list(range(10, 16)), prefix, torch.arange(6).expand(3, 6))
+        logits += [first, draft.step([20], hidden, torch.full((3, 1), 6, dtype=torch.long))[1]]
+    for got, want in zip(logits[:2], logits[2:]):
+        inside = torch.isfinite(want)
+        assert torch.equal(inside, torch.isfinite(got))
+        spread = float(want[inside].max() - want[inside].min())
+        assert 0 < _diff(got, want) < 0.05 * spread  # rounded, not broken
+    for seed in range(4):
+        images, history = random_scene(200 + seed)
+        plain = Planner(target, builder).plan(images, history, 6.0)
+        assert Planner(target, builder, EagleDrafter(int8), k=5).plan(images, history, 6.0).coc_ids == plain.coc_ids
 
 
 def test_decoding_steps_reuse_preallocated_buffers(pair, builder):

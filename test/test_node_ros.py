@@ -187,6 +187,7 @@ def test_end_to_end_replay(tmp_path, models):
         assert key in last, key
     # backend auto: ONNX Runtime, its graphs exported on the first start.
     assert last["backend"] == "onnxruntime" and last["backend_requested"] == "auto" and last["errors"] == "0"
+    assert last["draft_int8"] == "False"  # these models have no draft (the int8 one: test_engines.py)
     assert "exported the graphs" in last["backend_fallback"] and "chose onnxruntime" in last["backend_fallback"]
     assert math.isfinite(float(last["node_overhead_share_pct"]))
 

@@ -92,6 +92,7 @@ class DraftEngine(ABC):
     backend: str
     fallback_reason: str | None = None
     config: DraftConfig
+    int8_weights: bool = False  # runs int8-quantized weights (ONNX Runtime's CPU provider: export.quantize_int8)
 
     @abstractmethod
     def start(self, max_len: int) -> None:

@@ -8,6 +8,7 @@ re-implemented. The one substitution: while a model instance is traced, its atte
 attend (`attention_in`) with plain matmuls with grouped queries (`grouped_attention`, tested
 equal to SDPA) in the graphs with a dynamic token axis, and with ONNX Runtime's
 GroupQueryAttention over the cache buffer in the fixed-size ones (`_InPlaceCacheAttention`).
+Each draft graph also gets an int8 twin (`quantize_int8`), which ONNX Runtime's CPU provider runs.
 
 The files, their inputs and outputs and the cache contract they follow are the export format,
 described in manifest.py.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import sys
 import warnings
@@ -453,7 +455,48 @@ def export_draft(draft: EagleDraft, out: Path, opset: int = OPSET, fixed_tokens:
     _export(DraftFuse(draft), tuple(torch.zeros(1, 3, cfg.hidden_size) for _ in names), out / "draft_fuse.onnx",
             names, ["fused"], {**{name: {1: "tokens"} for name in names}, "fused": {1: "tokens"}}, opset)
     graphs["draft_fuse"] = _graph_io(out / "draft_fuse.onnx")
+    for entry in graphs.values():
+        twin = quantize_int8(out / entry["file"])
+        if twin is not None:
+            entry["int8_file"] = twin.name
     return graphs
+
+
+def quantize_int8(graph: Path) -> Path | None:
+    """The graph's int8 twin beside it (`draft_step_t1.onnx` -> `draft_step_t1.int8.onnx`):
+    every MatMul with a constant weight quantized per output channel, its input quantized on
+    the fly (ONNX Runtime's dynamic quantization). None without onnxruntime, whose tools make it.
+
+    Why, for the draft only: a draft step is a handful of matrix-vector products, bound by
+    reading the weights, and a draft's rounding can only change which tokens are proposed,
+    never what the verified output is. Measured on the 2-core Zen 2 host, 60 test scenes
+    interleaved: CoC speedup 2.88x against 2.62x with the fp32 draft, tau 11.30 against 11.12
+    (per-tensor scales: 2.84x, tau 10.87). The target's graphs stay fp32: their logits are the output.
+    """
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        return None
+    twin = graph.with_suffix(".int8.onnx")
+    with _root_logging_quiet():
+        quantize_dynamic(graph, twin, op_types_to_quantize=["MatMul"], per_channel=True, weight_type=QuantType.QInt8)
+    return twin
+
+
+@contextlib.contextmanager
+def _root_logging_quiet() -> Iterator[None]:
+    """quantize_dynamic advises pre-processing through the root logger (installing a stderr
+    handler when the root has none); the advice cannot be followed here (its symbolic shape
+    inference stops at GroupQueryAttention), so it is silenced, without leaving a handler."""
+    root = logging.getLogger()
+    quiet, level = logging.NullHandler(), root.level
+    root.addHandler(quiet)
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.removeHandler(quiet)
+        root.setLevel(level)
 
 
 def _expert_spec(expert: TrajectoryExpert | None) -> dict | None:
@@ -537,8 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out) if args.out else Path(args.models) / ONNX_DIR
     for name, graph in manifest["graphs"].items():
-        size = (out / graph["file"]).stat().st_size / 1e6
-        print(f"{name:20s} {graph['file']:25s} {size:7.2f} MB")
+        for file in (graph["file"], graph.get("int8_file")):
+            if file is not None:
+                print(f"{name:20s} {file:25s} {(out / file).stat().st_size / 1e6:7.2f} MB")
     print(f"manifest: {out / MANIFEST} (feature layers {manifest['target']['feature_layers']}, opset {manifest['opset']})")
     return 0
 

@@ -43,18 +43,20 @@ def load_target_model(models: Path) -> TargetVLA:
 
 
 def build_engines(models: Path, backend: str = "torch", draft_dir: Path | None = None, *,
-                  providers: Sequence[str] | None = None, threads: int = 0, device: str | None = None) -> Engines:
+                  providers: Sequence[str] | None = None, threads: int = 0, device: str | None = None,
+                  draft_int8: bool = True) -> Engines:
     """The target engine, and the draft engine when `draft_dir` is given, on `backend` (one of
     constants.BACKENDS, or "auto") or the closest available fallback (see the module docstring).
 
     providers: ONNX Runtime execution providers in order of preference (None: CUDA if usable,
     else CPU); threads: ONNX Runtime intra-op threads (0: torch.get_num_threads()); device: the
-    torch backend's device (None: CUDA when present).
+    torch backend's device (None: CUDA when present); draft_int8: ONNX Runtime's CPU provider
+    runs the draft's int8 graphs (`OrtOptions.draft_int8`).
     """
     if backend not in (AUTO, *BACKENDS):
         raise ValueError(f"unknown backend {backend!r}; choose from {(AUTO, *BACKENDS)}")
     models = Path(models)
-    options = OrtOptions(providers=providers, intra_op_threads=threads)
+    options = OrtOptions(providers=providers, intra_op_threads=threads, draft_int8=draft_int8)
     if backend == AUTO:
         return _auto_engines(models, draft_dir, options, device)
     reasons: list[str] = []

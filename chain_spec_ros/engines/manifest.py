@@ -18,6 +18,8 @@
                                      step): they write the T new keys/values into the buffer themselves
                                      and return it as present_key_i / present_value_i (bound to the same
                                      memory as past_key_i / past_value_i)
+    MODELS/onnx/draft_*.int8.onnx    each draft graph with int8 weights (per-channel dynamic quantization of its
+                                     MatMuls; the manifest entry's `int8_file`): what ONNX Runtime's CPU provider runs
     MODELS/onnx/target_embed.npy     the token embedding table (see below)
     MODELS/onnx/manifest.json        shapes, feature layers, deepstack layers, the expert's sizes (or null),
                                      opset, fingerprints of the source weights; per step graph its token
@@ -48,8 +50,9 @@ import json
 from pathlib import Path
 
 # 2: draft_step returns the last position's hidden state only; 3: in-place fixed-size steps; 4: Qwen3-VL's
-# vision tower (deepstack output), the decoders' deepstack input, the expert optional
-FORMAT_VERSION = 4
+# vision tower (deepstack output), the decoders' deepstack input, the expert optional; 5: the draft graphs'
+# int8 twins
+FORMAT_VERSION = 5
 ONNX_DIR = "onnx"
 MANIFEST = "manifest.json"
 EMBED_TABLE = "target_embed.npy"
@@ -169,7 +172,9 @@ def load_manifest(models: str | Path, draft_dir: str | Path | None = None, onnx_
                 f"{current[:12]}", f"re-run: {command}")
     wanted = {*required_graphs(manifest, draft_dir is not None),
               *(g for g in manifest["graphs"] if draft_dir is not None or not g.startswith("draft"))}
-    missing = [g for g in sorted(wanted) if not (onnx_dir / manifest["graphs"].get(g, {}).get("file", f"{g}.onnx")).is_file()]
+    entries = [manifest["graphs"].get(g, {"file": f"{g}.onnx"}) for g in sorted(wanted)]
+    missing = [entry[key] for entry in entries for key in ("file", "int8_file")
+               if key in entry and not (onnx_dir / entry[key]).is_file()]
     if missing or not (onnx_dir / EMBED_TABLE).is_file():
         raise ExportError(f"incomplete ONNX export at {onnx_dir} (missing {missing or [EMBED_TABLE]})", f"run: {command}")
     manifest["dir"] = str(onnx_dir)

@@ -33,11 +33,14 @@ class OrtOptions:
     engine's `fallback_reason`. intra_op_threads: the size of the process's one ONNX Runtime
     thread pool (see `use_shared_thread_pool`); 0 = torch.get_num_threads() when the pool is
     made, so one --threads setting governs both backends. fp16 applies to the TensorRT provider only.
+    draft_int8: on the CPU provider, run the draft's int8 graphs (export.quantize_int8) when the
+    export has them; False runs the fp32 draft (the parity tests compare it with PyTorch's).
     """
 
     providers: Sequence[str] | None = None
     intra_op_threads: int = 0
     fp16: bool = False
+    draft_int8: bool = True
     trt_cache_dir: str | None = None  # default <the export's directory>/ort_trt_cache
 
 
@@ -184,8 +187,9 @@ def _load_ort_engines(models: Path, draft_dir, options: OrtOptions, manifest: di
     use_shared_thread_pool(options.intra_op_threads)
     so = session_options()
 
-    def graphs(*names: str) -> dict[str, OrtGraph]:
-        loaded = {name: OrtGraph(onnx_dir / manifest["graphs"][name]["file"], so, providers, device) for name in names}
+    def graphs(*names: str, int8: bool = False) -> dict[str, OrtGraph]:
+        files = {name: manifest["graphs"][name]["int8_file" if int8 else "file"] for name in names}
+        loaded = {name: OrtGraph(onnx_dir / file, so, providers, device) for name, file in files.items()}
         for graph in loaded.values():
             if device.type == "cuda" and graph.session.get_providers()[0] not in GPU_PROVIDERS:
                 raise ProviderInitError(f"{providers[0][0]} did not initialise (CUDA/cuDNN libraries missing?)")
@@ -199,8 +203,11 @@ def _load_ort_engines(models: Path, draft_dir, options: OrtOptions, manifest: di
                                device, "onnxruntime")
     draft = None
     if draft_config is not None:
-        draft = GraphDraftEngine(graphs(*[n for n in names if n.startswith("draft_")]), manifest, draft_config, device,
-                                 "onnxruntime")
+        draft_names = [n for n in names if n.startswith("draft_")]
+        int8 = (options.draft_int8 and device.type == "cpu"
+                and all("int8_file" in manifest["graphs"][n] for n in draft_names))
+        draft = GraphDraftEngine(graphs(*draft_names, int8=int8), manifest, draft_config, device, "onnxruntime")
+        draft.int8_weights = int8
     for engine in (target, draft):
         if engine is not None:
             engine.providers = [name for name, _ in providers]
