@@ -469,9 +469,11 @@ def quantize_int8(graph: Path) -> Path | None:
 
     Why, for the draft only: a draft step is a handful of matrix-vector products, bound by
     reading the weights, and a draft's rounding can only change which tokens are proposed,
-    never what the verified output is. Measured on the 2-core Zen 2 host, 60 test scenes
-    interleaved: CoC speedup 2.88x against 2.62x with the fp32 draft, tau 11.30 against 11.12
-    (per-tensor scales: 2.84x, tau 10.87). The target's graphs stay fp32: their logits are the output.
+    never what the verified output is. Measured on the 2-core Zen 2 host: a 16-token chain
+    3.24 ms against 3.77 ms; 200 test scenes interleaved (benchmarks/k_sweep.py
+    --fp32-draft-too), CoC speedup 2.63x against 2.56x, tau 10.39 against 10.33 (per-tensor
+    scales proposed worse in a first comparison: tau 10.87 against 11.30 per channel on 60
+    scenes). The target's graphs stay fp32: their logits are the output.
     """
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
