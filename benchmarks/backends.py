@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         target, draft = engines
         row = {"backend": spec, "device": str(getattr(target, "device", "")),
-               "providers": getattr(target, "providers", None),
+               "providers": getattr(target, "providers", None), "draft_int8": draft is not None and draft.int8_weights,
                **stage_latency(target, draft, builder, scenes, args.k, args.repeats)}
         if draft is not None and not args.no_speedup:
             row.update(speculative_speedup(target, draft, builder, scenes, args.k))
